@@ -1,0 +1,757 @@
+"""Convert a local copy of each official dataset release into task manifests (data.py format).
+
+Implements the data preparation behind PTUnifier (ICCV 2023) section 5.1 (pre-training corpora:
+ROCO, MedICaT, MIMIC-CXR) and section 5.2 (downstream: CheXpert, RSNA Pneumonia, RadNLI,
+MIMIC-CXR summarization, ROCO retrieval, MIMIC-CXR report generation, VQA-RAD, SLAKE,
+VQA-Med 2019). Release layouts are described in shared/DATASETS.md. Nothing is downloaded.
+
+Usage:  python prepare.py DATASET --src RAW_DIR --out data/DATASET [--seed 42] [flags]
+        python prepare.py --help        (lists every dataset and the flags each one reads)
+
+Conventions (DATASETS.md, the PTUnifier/M3AE preprocessing):
+- texts: runs of whitespace collapsed, trimmed; pre-training, retrieval, report and
+  summarization texts with fewer than 3 words are dropped. NLI sentences and VQA questions are
+  kept whatever their length (dropping them would change the official benchmarks).
+- texts are grouped by image; a record whose image file is missing is dropped and counted.
+- every seeded choice uses random.Random(--seed) on a sorted list, so reruns give the same split.
+- splits are checked disjoint (by image for image-level tasks, by id otherwise) before writing.
+- VQA answers are normalised by `normalize_answer`: lower-case, whitespace collapsed, trimmed,
+  trailing periods removed. The answer vocabulary comes from train + val only; meta.json counts
+  the test answers outside it ("test_answers_outside_vocab"); they can only be scored as wrong.
+- meta.json holds "counts" (per split), "dropped" ({reason: n}), "seed", "source" and
+  "image_root" (absolute path of the release folder, or of --out for converted images);
+  image paths in records are relative to image_root.
+Malformed input (bad CSV row, bad JSON line, unknown label value) raises PrepareError naming the
+file and the line (or, inside a JSON array, the entry index).
+"""
+import argparse
+import csv
+import gzip
+import json
+import os
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+from data import write_manifest
+
+MIN_WORDS = 3
+
+
+class PrepareError(ValueError):
+    """The raw release does not look as expected; the message names the file and line."""
+
+
+@dataclass
+class Output:
+    """One task folder to write: its records plus the dataset-specific meta entries."""
+    folder: str                  # task folder (created)
+    task: str                    # data.TASK_FIELDS key
+    records: list                # manifest records (dicts with id, split and task fields)
+    dropped: Counter             # reason -> number of dropped records / texts
+    image_root: str | None       # absolute image root, None for text-only tasks
+    extra: dict = field(default_factory=dict)  # classes / answers / notes for meta.json
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+def clean_text(text) -> str:
+    """Collapse runs of whitespace and trim; None becomes ''."""
+    return " ".join((text or "").split())
+
+
+def long_enough(text: str) -> bool:
+    return len(text.split()) >= MIN_WORDS
+
+
+def keep_texts(texts, dropped: Counter) -> list[str]:
+    """Clean `texts`, drop empty ones silently (absent section) and count short ones."""
+    kept = []
+    for text in map(clean_text, texts):
+        if text and not long_enough(text):
+            dropped["short_text"] += 1
+        elif text:
+            kept.append(text)
+    return kept
+
+
+def normalize_answer(answer) -> str:
+    """VQA answer normalisation: str, lower-case, collapse whitespace, trim, drop trailing '.'."""
+    return clean_text(str(answer).lower()).rstrip(".").strip()
+
+
+def seeded_holdout(keys, sizes: dict, seed: int) -> dict:
+    """Assign sizes[split] keys (chosen with `seed`) to each split; the rest to 'train'."""
+    order = sorted(set(keys))
+    if sum(sizes.values()) > len(order):
+        raise PrepareError(f"cannot hold out {sizes} from {len(order)} items; lower the sizes")
+    random.Random(seed).shuffle(order)
+    split_of, start = {}, 0
+    for split, n in sizes.items():
+        split_of.update((k, split) for k in order[start:start + n])
+        start += n
+    split_of.update((k, "train") for k in order[start:])
+    return split_of
+
+
+def image_exists(root: str, rel: str, dropped: Counter) -> bool:
+    """True when root/rel is a file; otherwise count it as dropped ('missing_image')."""
+    if os.path.isfile(os.path.join(root, rel)):
+        return True
+    dropped["missing_image"] += 1
+    return False
+
+
+def open_text(path: str):
+    """Open a text file, falling back to path + '.gz' (MIMIC-CXR ships its CSVs gzipped)."""
+    if not os.path.exists(path) and os.path.exists(path + ".gz"):
+        return gzip.open(path + ".gz", "rt", encoding="utf-8", newline="")
+    if not os.path.exists(path):
+        raise PrepareError(f"{path}: file not found (check --src and DATASETS.md for the layout)")
+    return open(path, encoding="utf-8", newline="")
+
+
+def read_csv(path: str, columns: list[str]):
+    """Yield (line, row dict) from a CSV with a header; bad rows raise PrepareError(file:line)."""
+    with open_text(path) as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
+        if missing:
+            raise PrepareError(f"{path}:1: header lacks columns {missing}: found {reader.fieldnames}")
+        try:
+            for row in reader:
+                if None in row or None in row.values():
+                    raise PrepareError(f"{path}:{reader.line_num}: expected "
+                                       f"{len(reader.fieldnames)} fields, got a different count")
+                yield reader.line_num, row
+        except csv.Error as e:
+            raise PrepareError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
+
+
+def read_jsonl(path: str, keys: list[str]):
+    """Yield (line, object) from a JSONL file; bad lines and missing keys name file:line."""
+    with open_text(path) as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PrepareError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+            require_keys(obj, keys, f"{path}:{lineno}")
+            yield lineno, obj
+
+
+def read_json(path: str):
+    with open_text(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise PrepareError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+
+
+def require_keys(obj, keys: list[str], where: str) -> None:
+    if not isinstance(obj, dict):
+        raise PrepareError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise PrepareError(f"{where}: missing keys {missing}")
+
+
+def json_entries(path: str, keys: list[str]):
+    """Yield (where, entry) from a JSON file holding one array; entry index in `where`."""
+    entries = read_json(path)
+    if not isinstance(entries, list):
+        raise PrepareError(f"{path}: expected a JSON array of entries")
+    for i, entry in enumerate(entries):
+        where = f"{path}: entry {i}"
+        require_keys(entry, keys, where)
+        yield where, entry
+
+
+def find_file(root: str, name: str) -> str:
+    """The single path named `name` under `root` (searched recursively)."""
+    hits = sorted(os.path.join(d, name) for d, dirs, files in os.walk(root)
+                  if name in files or name in dirs)
+    if len(hits) != 1:
+        raise PrepareError(f"{root}: expected exactly one '{name}' below it, found {hits or 'none'}")
+    return hits[0]
+
+
+def check_disjoint(records: list[dict], key: str) -> None:
+    """Raise if any value of record[key] appears in two splits."""
+    split_of = {}
+    for r in records:
+        if split_of.setdefault(r[key], r["split"]) != r["split"]:
+            raise AssertionError(f"{key} {r[key]!r} is in both {split_of[r[key]]} and {r['split']}")
+
+
+# ----------------------------------------------------------------------------- pre-training
+
+ROCO_SPLITS = {"train": "train", "validation": "val", "test": "test"}
+
+
+def read_roco(src: str, dropped: Counter) -> list[tuple]:
+    """(split, roco_id, image, caption) for every radiology entry whose image exists."""
+    rows = []
+    for leaf, split in ROCO_SPLITS.items():
+        folder = f"data/{leaf}/radiology"
+        path = os.path.join(src, folder, "captions.txt")
+        with open_text(path) as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                roco_id, tab, caption = line.rstrip("\n").partition("\t")
+                if not tab or not roco_id.strip():
+                    raise PrepareError(f"{path}:{lineno}: expected 'ROCO_ID<TAB>caption'")
+                image = f"{folder}/images/{roco_id.strip()}.jpg"
+                if image_exists(src, image, dropped):
+                    rows.append((split, roco_id.strip(), image, clean_text(caption)))
+    return rows
+
+
+def convert_roco(args) -> list[Output]:
+    """ROCO radiology subset -> pretrain manifest, official train/validation/test splits."""
+    dropped, texts = Counter(), defaultdict(list)
+    split_of = {}
+    for split, roco_id, image, caption in read_roco(args.src, dropped):
+        split_of[image] = split
+        texts[image] += keep_texts([caption], dropped)
+    records = [{"id": os.path.basename(img)[:-4], "split": split_of[img], "image": img,
+                "texts": t} for img, t in texts.items() if t]
+    dropped["no_text"] += sum(1 for t in texts.values() if not t)
+    return [Output(args.out, "pretrain", records, dropped, args.src)]
+
+
+def convert_roco_retrieval(args) -> list[Output]:
+    """ROCO radiology -> retrieval pairs; val/test capped at --eval-cap pairs chosen with seed."""
+    dropped, by_split = Counter(), defaultdict(list)
+    for split, roco_id, image, caption in read_roco(args.src, dropped):
+        if long_enough(caption):
+            by_split[split].append({"id": roco_id, "split": split, "image": image,
+                                    "text": caption})
+        else:
+            dropped["short_text"] += 1
+    records = by_split["train"]
+    for split in ("val", "test"):
+        pairs = sorted(by_split[split], key=lambda r: r["id"])
+        random.Random(args.seed).shuffle(pairs)
+        records += sorted(pairs[:args.eval_cap], key=lambda r: r["id"])
+        dropped[f"over_cap_{split}"] += max(0, len(pairs) - args.eval_cap)
+    return [Output(args.out, "retrieval", records, dropped, args.src,
+                   {"eval_cap": args.eval_cap})]
+
+
+MEDICAT_JSONL = "release/s2_full_figures_oa_nonroco_combined_medical_top4_public.jsonl"
+
+
+def convert_medicat(args) -> list[Output]:
+    """MedICaT radiology figures -> pretrain (caption + inline references), seeded val/test."""
+    dropped, kept = Counter(), []
+    path = os.path.join(args.src, MEDICAT_JSONL)
+    for lineno, fig in read_jsonl(path, ["pdf_hash", "fig_uri", "s2_caption", "radiology"]):
+        if not isinstance(fig["radiology"], bool):
+            raise PrepareError(f"{path}:{lineno}: 'radiology' is {fig['radiology']!r}: "
+                               "expected true or false")
+        refs = fig.get("s2orc_references") or []
+        if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
+            raise PrepareError(f"{path}:{lineno}: 's2orc_references': expected a list of "
+                               "strings or null")
+        if not fig["radiology"]:
+            dropped["not_radiology"] += 1
+            continue
+        name = f"{fig['pdf_hash']}_{fig['fig_uri']}"
+        image = f"release/figures/{name}"
+        texts = keep_texts([fig["s2_caption"], *refs], dropped)
+        if not texts:
+            dropped["no_text"] += 1
+        elif image_exists(args.src, image, dropped):
+            kept.append({"id": name, "image": image, "texts": texts})
+    split_of = seeded_holdout([r["id"] for r in kept],
+                              {"val": args.val_size, "test": args.test_size}, args.seed)
+    records = [{"id": r["id"], "split": split_of[r["id"]], **r} for r in kept]
+    return [Output(args.out, "pretrain", records, dropped, args.src,
+                   {"val_size": args.val_size, "test_size": args.test_size})]
+
+
+# ----------------------------------------------------------------------------- MIMIC-CXR
+
+MIMIC_SPLITS = {"train": "train", "validate": "val", "test": "test"}
+
+
+def mimic_image_path(subject_id: str, study_id: str, dicom_id: str) -> str:
+    return f"files/p{subject_id[:2]}/p{subject_id}/s{study_id}/{dicom_id}.jpg"
+
+
+def read_mimic_split(src: str) -> dict:
+    """dicom_id -> (subject_id, study_id, split) from the official split CSV."""
+    path = os.path.join(src, "mimic-cxr-2.0.0-split.csv")
+    out = {}
+    for line, row in read_csv(path, ["dicom_id", "study_id", "subject_id", "split"]):
+        if row["split"] not in MIMIC_SPLITS:
+            raise PrepareError(f"{path}:{line}: split {row['split']!r}: "
+                               f"expected one of {list(MIMIC_SPLITS)}")
+        out[row["dicom_id"]] = (row["subject_id"], row["study_id"], MIMIC_SPLITS[row["split"]])
+    return out
+
+
+def read_mimic_sections(path: str) -> dict:
+    """study_id (digits, no 's') -> (findings, impression), cleaned."""
+    out = {}
+    for line, row in read_csv(path, ["study", "findings", "impression"]):
+        if not row["study"].startswith("s"):
+            raise PrepareError(f"{path}:{line}: study {row['study']!r}: expected 's<digits>'")
+        out[row["study"][1:]] = (clean_text(row["findings"]), clean_text(row["impression"]))
+    return out
+
+
+def sections_path(args) -> str:
+    return args.sections or os.path.join(args.src, "mimic_cxr_sectioned.csv")
+
+
+def convert_mimic_cxr(args) -> list[Output]:
+    """MIMIC-CXR-JPG frontal (PA/AP) images -> pretrain, findings and impression as texts."""
+    dropped, records = Counter(), []
+    splits, sections = read_mimic_split(args.src), read_mimic_sections(sections_path(args))
+    path = os.path.join(args.src, "mimic-cxr-2.0.0-metadata.csv")
+    for line, row in read_csv(path, ["dicom_id", "ViewPosition"]):
+        dicom = row["dicom_id"]
+        if row["ViewPosition"] not in ("PA", "AP"):
+            dropped["not_frontal"] += 1
+        elif dicom not in splits:
+            dropped["no_split"] += 1
+        elif splits[dicom][1] not in sections:
+            dropped["no_report"] += 1
+        else:
+            subject, study, split = splits[dicom]
+            texts = keep_texts(sections[study], dropped)
+            image = mimic_image_path(subject, study, dicom)
+            if not texts:
+                dropped["no_text"] += 1
+            elif image_exists(args.src, image, dropped):
+                records.append({"id": dicom, "split": split, "image": image, "texts": texts})
+    return [Output(args.out, "pretrain", records, dropped, args.src)]
+
+
+def convert_mimic_cxr_ts(args) -> list[Output]:
+    """MIMIC-CXR summarization: findings -> impression per study (both >= 3 words)."""
+    dropped, records = Counter(), []
+    study_split = {}
+    for subject, study, split in read_mimic_split(args.src).values():
+        if study_split.setdefault(study, split) != split:
+            raise PrepareError(f"study {study} is in two official splits")
+    for study, (findings, impression) in sorted(read_mimic_sections(sections_path(args)).items()):
+        if study not in study_split:
+            dropped["no_split"] += 1
+        elif not long_enough(findings):
+            dropped["short_findings"] += 1
+        elif not long_enough(impression):
+            dropped["short_impression"] += 1
+        else:
+            records.append({"id": f"s{study}", "split": study_split[study],
+                            "source": findings, "target": impression})
+    return [Output(args.out, "ts", records, dropped, None)]
+
+
+R2GEN_SPLITS = {"train": "train", "val": "val", "test": "test"}
+
+
+def convert_mimic_cxr_itg(args) -> list[Output]:
+    """R2Gen annotation.json -> report generation pairs (one record per image path)."""
+    dropped, records = Counter(), []
+    path = args.annotation or os.path.join(args.src, "annotation.json")
+    root = os.path.abspath(args.images or os.path.join(args.src, "images"))
+    annotation = read_json(path)
+    if not isinstance(annotation, dict) or set(annotation) - set(R2GEN_SPLITS):
+        raise PrepareError(f"{path}: expected an object with keys {list(R2GEN_SPLITS)}")
+    for key, entries in annotation.items():
+        for i, entry in enumerate(entries):
+            where = f"{path}: {key}[{i}]"
+            require_keys(entry, ["id", "report", "image_path"], where)
+            if not isinstance(entry["image_path"], list) or not entry["image_path"]:
+                raise PrepareError(f"{where}: 'image_path': expected a non-empty list")
+            report = clean_text(entry["report"])
+            if not long_enough(report):
+                dropped["short_text"] += 1
+                continue
+            for k, image in enumerate(entry["image_path"]):
+                if image_exists(root, image, dropped):
+                    rid = str(entry["id"]) if k == 0 else f"{entry['id']}_{k}"
+                    records.append({"id": rid, "split": R2GEN_SPLITS[key], "image": image,
+                                    "report": report})
+    return [Output(args.out, "itg", records, dropped, root)]
+
+
+# ----------------------------------------------------------------------------- classification
+
+CHEXPERT_CLASSES = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
+# Uncertain (-1) -> 1 ("U-Ones") or 0 ("U-Zeros"), the usual CheXpert competition mapping.
+CHEXPERT_UNCERTAIN = {"Atelectasis": 1, "Cardiomegaly": 0, "Consolidation": 0, "Edema": 1,
+                      "Pleural Effusion": 1}
+CHEXPERT_VALUES = {"": 0, "0": 0, "0.0": 0, "1": 1, "1.0": 1, "-1": -1, "-1.0": -1}
+
+
+def chexpert_labels(row: dict, where: str) -> list[int]:
+    """5 competition labels: blank -> 0, -1 -> CHEXPERT_UNCERTAIN, else 0/1."""
+    labels = []
+    for name in CHEXPERT_CLASSES:
+        value = CHEXPERT_VALUES.get(row[name].strip())
+        if value is None:
+            raise PrepareError(f"{where}: column '{name}' is {row[name]!r}: "
+                               "expected 1, 0, -1 or blank")
+        labels.append(CHEXPERT_UNCERTAIN[name] if value == -1 else value)
+    return labels
+
+
+def read_chexpert(src: str, csv_name: str, dropped: Counter) -> list[dict]:
+    """Frontal images of train.csv / valid.csv with their labels; paths relative to src."""
+    path, kept = os.path.join(src, csv_name), []
+    for line, row in read_csv(path, ["Path", "Frontal/Lateral", *CHEXPERT_CLASSES]):
+        if row["Frontal/Lateral"] != "Frontal":
+            dropped["not_frontal"] += 1
+            continue
+        labels = chexpert_labels(row, f"{path}:{line}")
+        prefix, slash, image = row["Path"].partition("/")  # drop 'CheXpert-v1.0-small/'
+        if not slash:
+            raise PrepareError(f"{path}:{line}: Path {row['Path']!r}: expected "
+                               "'CheXpert-v1.0-small/train|valid/...'")
+        if image_exists(src, image, dropped):
+            kept.append({"id": image[:-4].replace("/", "_"), "image": image, "labels": labels})
+    return kept
+
+
+def convert_chexpert(args) -> list[Output]:
+    """CheXpert v1.0-small -> ic; valid.csv = test, seeded val of --val-size train images,
+    plus nested 1% / 10% training subsets written to <out>_1pct and <out>_10pct."""
+    dropped = Counter()
+    train = read_chexpert(args.src, "train.csv", dropped)
+    test = [{**r, "split": "test"} for r in read_chexpert(args.src, "valid.csv", dropped)]
+    split_of = seeded_holdout([r["id"] for r in train], {"val": args.val_size}, args.seed)
+    train = [{**r, "split": split_of[r["id"]]} for r in train]
+    val = [r for r in train if r["split"] == "val"]
+    train = sorted((r for r in train if r["split"] == "train"), key=lambda r: r["id"])
+    random.Random(args.seed).shuffle(train)  # one order, so the 1% subset is inside the 10% one
+    extra = {"classes": CHEXPERT_CLASSES, "uncertain_to": CHEXPERT_UNCERTAIN,
+             "val_size": args.val_size}
+    outputs = [Output(args.out, "ic", train + val + test, dropped, args.src, extra)]
+    for pct in args.fractions:
+        n = max(1, round(len(train) * pct / 100))
+        subset = sorted(train[:n], key=lambda r: r["id"])
+        sub_dropped = dropped + Counter({f"outside_{pct}pct_subset": len(train) - n})
+        outputs.append(Output(f"{args.out.rstrip('/')}_{pct}pct", "ic", subset + val + test,
+                              sub_dropped, args.src, {**extra, "train_percent": pct}))
+    return outputs
+
+
+RSNA_CSV = "stage_2_train_labels.csv"
+
+
+def import_pydicom():
+    """pydicom is needed by the rsna converter only, so it is imported here, lazily."""
+    try:
+        import pydicom
+    except ImportError:
+        raise SystemExit("prepare.py rsna needs pydicom to read DICOM: pip install pydicom")
+    return pydicom
+
+
+def dicom_to_png(pydicom, dcm_path: str, png_path: str) -> None:
+    """8-bit PNG of a DICOM: pixels / max * 255, inverted for MONOCHROME1."""
+    import numpy as np
+    from PIL import Image
+    ds = pydicom.dcmread(dcm_path)
+    pixels = ds.pixel_array.astype(np.float64)
+    peak = pixels.max()
+    pixels = pixels / peak * 255.0 if peak > 0 else pixels
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        pixels = 255.0 - pixels
+    Image.fromarray(np.round(pixels).astype(np.uint8)).save(png_path)
+
+
+def convert_rsna(args) -> list[Output]:
+    """RSNA Pneumonia stage 2 -> ic (label = any box), DICOM -> PNG, seeded 70/15/15 split."""
+    pydicom, dropped, positive = import_pydicom(), Counter(), {}
+    path = os.path.join(args.src, RSNA_CSV)
+    for line, row in read_csv(path, ["patientId", "Target"]):
+        if row["Target"] not in ("0", "1"):
+            raise PrepareError(f"{path}:{line}: Target {row['Target']!r}: expected 0 or 1")
+        positive[row["patientId"]] = positive.get(row["patientId"], False) or row["Target"] == "1"
+    os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
+    kept = []
+    for pid in sorted(positive):
+        dcm = f"stage_2_train_images/{pid}.dcm"
+        if image_exists(args.src, dcm, dropped):
+            dicom_to_png(pydicom, os.path.join(args.src, dcm),
+                         os.path.join(args.out, "images", f"{pid}.png"))
+            kept.append(pid)
+    n_held = round(0.15 * len(kept))
+    split_of = seeded_holdout(kept, {"val": n_held, "test": n_held}, args.seed)
+    records = [{"id": pid, "split": split_of[pid], "image": f"images/{pid}.png",
+                "labels": [int(positive[pid])]} for pid in kept]
+    return [Output(args.out, "ic", records, dropped, os.path.abspath(args.out),
+                   {"classes": ["Pneumonia"]})]
+
+
+NLI_CLASSES = ["contradiction", "entailment", "neutral"]
+
+
+def read_nli(path: str, prefix: str, split: str, dropped: Counter) -> list[dict]:
+    records = []
+    for line, obj in read_jsonl(path, ["sentence1", "sentence2", "gold_label"]):
+        if obj["gold_label"] not in NLI_CLASSES:
+            raise PrepareError(f"{path}:{line}: gold_label {obj['gold_label']!r}: "
+                               f"expected one of {NLI_CLASSES}")
+        a, b = clean_text(obj["sentence1"]), clean_text(obj["sentence2"])
+        if a and b:
+            records.append({"id": f"{prefix}-{line}", "split": split, "text_a": a, "text_b": b,
+                            "label": obj["gold_label"]})
+        else:
+            dropped["empty_text"] += 1
+    return records
+
+
+def convert_radnli(args) -> list[Output]:
+    """RadNLI dev -> val, test -> test; MedNLI train (+ optional pseudo-train file) -> train."""
+    if not args.mednli:
+        raise SystemExit("radnli needs --mednli PATH/mli_train_v1.jsonl for its training split")
+    dropped = Counter()
+    records = read_nli(args.mednli, "mednli", "train", dropped)
+    if args.pseudo_train:
+        records += read_nli(args.pseudo_train, "pseudo", "train", dropped)
+    records += read_nli(os.path.join(args.src, "radnli_dev_v1.jsonl"), "radnli-dev", "val",
+                        dropped)
+    records += read_nli(os.path.join(args.src, "radnli_test_v1.jsonl"), "radnli-test", "test",
+                        dropped)
+    extra = {"classes": NLI_CLASSES, "mednli": os.path.abspath(args.mednli),
+             "pseudo_train": args.pseudo_train and os.path.abspath(args.pseudo_train)}
+    return [Output(args.out, "tc", records, dropped, None, extra)]
+
+
+# ----------------------------------------------------------------------------- VQA
+
+ANSWER_TYPES = {"CLOSED": "closed", "OPEN": "open"}
+
+
+def answer_type(value, where: str) -> str:
+    kind = ANSWER_TYPES.get(str(value).strip().upper())
+    if kind is None:
+        raise PrepareError(f"{where}: answer_type {value!r}: expected OPEN or CLOSED")
+    return kind
+
+
+def vqa_output(args, records: list[dict], dropped: Counter, extra: dict) -> Output:
+    """Answer vocabulary from train + val; count test records whose answer is outside it."""
+    vocab = sorted({r["answer"] for r in records if r["split"] != "test"})
+    known = set(vocab)
+    outside = sum(1 for r in records if r["split"] == "test"
+                  and not known.intersection(r.get("answers", [r["answer"]])))
+    extra = {**extra, "answers": vocab, "test_answers_outside_vocab": outside,
+             "answer_normalisation": "lower-case, collapse whitespace, trim, drop trailing '.'"}
+    return Output(args.out, "vqa", records, dropped, args.src, extra)
+
+
+def vqa_record(rid, split, image, question, answer, kind, dropped: Counter) -> dict | None:
+    """A normalised VQA record, or None (counted) when question or answer is empty."""
+    question, answer = clean_text(question), normalize_answer(answer)
+    if not question or not answer:
+        dropped["empty_text"] += 1
+        return None
+    return {"id": rid, "split": split, "image": image, "question": question, "answer": answer,
+            "answer_type": kind}
+
+
+def convert_vqa_rad(args) -> list[Output]:
+    """VQA-RAD: test = phrase_type contains 'test'; a seeded --val-size questions held out of
+    train as validation (the release has no validation set). Ids are the qids."""
+    dropped, records, seen = Counter(), [], set()
+    path = os.path.join(args.src, "VQA_RAD Dataset Public.json")
+    keys = ["qid", "image_name", "question", "answer", "answer_type", "phrase_type"]
+    for where, e in json_entries(path, keys):
+        if str(e["qid"]) in seen:
+            raise PrepareError(f"{where}: qid {e['qid']!r} repeats an earlier entry")
+        seen.add(str(e["qid"]))
+        split = "test" if "test" in str(e["phrase_type"]) else "train"
+        image = f"{args.image_dir}/{e['image_name']}"
+        kind = answer_type(e["answer_type"], where)
+        r = vqa_record(str(e["qid"]), split, image, e["question"], e["answer"], kind, dropped)
+        if r and image_exists(args.src, image, dropped):
+            records.append(r)
+    train_ids = [r["id"] for r in records if r["split"] == "train"]
+    split_of = seeded_holdout(train_ids, {"val": args.val_size}, args.seed)
+    records = [{**r, "split": split_of.get(r["id"], r["split"])} for r in records]
+    return [vqa_output(args, records, dropped, {"val_size": args.val_size,
+                                                "val_note": "seeded hold-out of train"})]
+
+
+SLAKE_FILES = {"train": "train.json", "val": "validate.json", "test": "test.json"}
+
+
+def convert_slake(args) -> list[Output]:
+    """SLAKE English questions; official train / validate / test files."""
+    dropped, records = Counter(), []
+    for split, name in SLAKE_FILES.items():
+        keys = ["qid", "img_name", "question", "answer", "q_lang", "answer_type"]
+        for where, e in json_entries(os.path.join(args.src, name), keys):
+            if e["q_lang"] != "en":
+                dropped["not_english"] += 1
+                continue
+            image = f"imgs/{e['img_name']}"
+            kind = answer_type(e["answer_type"], where)
+            r = vqa_record(f"{split}-{e['qid']}", split, image, e["question"], e["answer"],
+                           kind, dropped)
+            if r and image_exists(args.src, image, dropped):
+                records.append(r)
+    return [vqa_output(args, records, dropped, {})]
+
+
+MED19_CATEGORIES = ("modality", "plane", "organ", "abnormality")
+
+
+def read_pipe_file(path: str, n_fields: int):
+    """Yield (line, fields) of a '|'-separated text file with exactly n_fields per line."""
+    with open_text(path) as f:
+        for lineno, line in enumerate(f, start=1):
+            if line.strip():
+                fields = line.rstrip("\r\n").split("|")
+                if len(fields) != n_fields:
+                    raise PrepareError(f"{path}:{lineno}: expected {n_fields} '|'-separated "
+                                       f"fields, got {len(fields)}")
+                yield lineno, fields
+
+
+def med19_answer_type(answer: str) -> str:
+    """VQA-Med 2019 has no answer types: yes/no answers are 'closed', the rest 'open'."""
+    return "closed" if answer in ("yes", "no") else "open"
+
+
+def convert_vqa_med_2019(args) -> list[Output]:
+    """VQA-Med 2019: All_QA_Pairs_{train,val}.txt and the test file with '#' alternatives;
+    abnormality (C4) questions dropped unless --keep-abnormality."""
+    dropped, records = Counter(), []
+    for split, images in (("train", "Train_images"), ("val", "Val_images")):
+        image_dir = os.path.relpath(find_file(args.src, images), args.src)
+        c4 = set()
+        if not args.keep_abnormality:
+            c4_path = find_file(args.src, f"C4_Abnormality_{split}.txt")
+            c4 = {(f[0], f[1]) for _, f in read_pipe_file(c4_path, 3)}
+        path = find_file(args.src, f"All_QA_Pairs_{split}.txt")
+        for line, (image_id, question, answer) in read_pipe_file(path, 3):
+            if (image_id, question) in c4:
+                dropped["abnormality"] += 1
+                continue
+            image = f"{image_dir}/{image_id}.jpg"
+            r = vqa_record(f"{split}-{line}", split, image, question, answer,
+                           med19_answer_type(normalize_answer(answer)), dropped)
+            if r and image_exists(args.src, image, dropped):
+                records.append(r)
+    records += med19_test(args, dropped)
+    return [vqa_output(args, records, dropped, {"keep_abnormality": args.keep_abnormality})]
+
+
+def med19_test(args, dropped: Counter) -> list[dict]:
+    """Test lines image|category|question|answer; 'answers' keeps every '#' alternative."""
+    path = find_file(args.src, args.test_file)
+    image_dir = os.path.relpath(find_file(args.src, args.test_images), args.src)
+    records = []
+    for line, (image_id, category, question, answer) in read_pipe_file(path, 4):
+        if category not in MED19_CATEGORIES:
+            raise PrepareError(f"{path}:{line}: category {category!r}: "
+                               f"expected one of {list(MED19_CATEGORIES)}")
+        if category == "abnormality" and not args.keep_abnormality:
+            dropped["abnormality"] += 1
+            continue
+        answers = [a for a in map(normalize_answer, answer.split("#")) if a]
+        first = answers[0] if answers else ""
+        image = f"{image_dir}/{image_id}.jpg"
+        r = vqa_record(f"test-{line}", "test", image, question, first,
+                       med19_answer_type(first), dropped)
+        if r and image_exists(args.src, image, dropped):
+            records.append({**r, "answers": answers})
+    return records
+
+
+# ----------------------------------------------------------------------------- writing / CLI
+
+CONVERTERS = {
+    "roco": convert_roco,
+    "roco-retrieval": convert_roco_retrieval,
+    "medicat": convert_medicat,
+    "mimic-cxr": convert_mimic_cxr,
+    "mimic-cxr-ts": convert_mimic_cxr_ts,
+    "mimic-cxr-itg": convert_mimic_cxr_itg,
+    "chexpert": convert_chexpert,
+    "rsna": convert_rsna,
+    "radnli": convert_radnli,
+    "vqa-rad": convert_vqa_rad,
+    "slake": convert_slake,
+    "vqa-med-2019": convert_vqa_med_2019,
+}
+IMAGE_TASKS = ("pretrain", "ic", "retrieval", "itg")
+
+
+def write_output(out: Output, name: str, args) -> dict:
+    """Check split disjointness, print the counts and write manifest.jsonl + meta.json."""
+    check_disjoint(out.records, "image" if out.task in IMAGE_TASKS else "id")
+    counts = {s: sum(r["split"] == s for r in out.records) for s in ("train", "val", "test")}
+    meta = {"task": out.task, "name": name, "seed": args.seed,
+            "source": os.path.abspath(args.src), "counts": counts,
+            "dropped": dict(sorted(out.dropped.items()))}
+    if out.image_root:
+        meta["image_root"] = os.path.abspath(out.image_root)
+    meta.update(out.extra)
+    write_manifest(out.folder, out.records, meta)
+    print(f"{name} -> {out.folder}: kept {counts}, dropped {meta['dropped']}")
+    return meta
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="See shared/DATASETS.md for each release layout.")
+    p.add_argument("dataset", choices=sorted(CONVERTERS), help="which release to convert")
+    p.add_argument("--src", required=True, help="root folder of the raw release")
+    p.add_argument("--out", required=True, help="task folder to write, e.g. data/roco")
+    p.add_argument("--seed", type=int, default=42, help="seed of every random split / sample")
+    g = p.add_argument_group("roco-retrieval")
+    g.add_argument("--eval-cap", type=int, default=2000, help="max val and test pairs each")
+    g = p.add_argument_group("medicat / chexpert / vqa-rad hold-out sizes")
+    g.add_argument("--val-size", type=int, default=None,
+                   help="validation items held out of train (default: medicat 1000, "
+                        "chexpert 5000, vqa-rad 300)")
+    g.add_argument("--test-size", type=int, default=1000, help="medicat test figures")
+    g = p.add_argument_group("mimic-cxr, mimic-cxr-ts, mimic-cxr-itg")
+    g.add_argument("--sections", help="mimic_cxr_sectioned.csv (default: SRC/mimic_cxr_sectioned.csv)")
+    g.add_argument("--annotation", help="R2Gen annotation.json (default: SRC/annotation.json)")
+    g.add_argument("--images", help="R2Gen image folder (default: SRC/images)")
+    g = p.add_argument_group("chexpert")
+    g.add_argument("--fractions", type=int, nargs="*", default=[1, 10],
+                   help="also write <out>_<P>pct folders training on P%% of train (nested, "
+                        "seeded; same val/test); pass no value to skip")
+    g = p.add_argument_group("radnli")
+    g.add_argument("--mednli", help="MedNLI mli_train_v1.jsonl (the training split)")
+    g.add_argument("--pseudo-train", help="optional extra training JSONL (sentence1, sentence2, "
+                                          "gold_label), e.g. the 6,000-pair pseudo-train set")
+    g = p.add_argument_group("vqa-rad")
+    g.add_argument("--image-dir", default="VQA_RAD Image Folder", help="image folder under SRC")
+    g = p.add_argument_group("vqa-med-2019")
+    g.add_argument("--keep-abnormality", action="store_true",
+                   help="keep C4 abnormality questions (M3AE/PTUnifier drop them)")
+    g.add_argument("--test-file", default="VQAMed2019_Test_Questions_w_Ref_Answers.txt",
+                   help="name of the test file (image|category|question|answer) under SRC")
+    g.add_argument("--test-images", default="VQAMed2019_Test_Images",
+                   help="name of the test image folder under SRC")
+    return p
+
+
+DEFAULT_VAL_SIZE = {"medicat": 1000, "chexpert": 5000, "vqa-rad": 300}
+
+
+def main(argv=None) -> list[dict]:
+    args = build_parser().parse_args(argv)
+    if args.val_size is None:
+        args.val_size = DEFAULT_VAL_SIZE.get(args.dataset, 0)
+    return [write_output(out, args.dataset, args) for out in CONVERTERS[args.dataset](args)]
+
+
+if __name__ == "__main__":
+    main()
