@@ -1,0 +1,73 @@
+"""Prompt pools that stand in for a missing modality (PTUnifier paper, section 3.2, Eq. 3-4).
+
+When an input has only one modality, PTUnifier fills the other modality's place with soft
+prompts. Two variants are implemented:
+
+- `PromptPool` (section 3.2.2, the paper's default): a pool P = {w_1..w_S} of learnable vectors in
+  the missing modality's input space. The present modality is pooled into a query q and every
+  entry is scored by the raw dot product s_i = w_i^T q (Eq. 3); the k highest-scoring entries,
+  in descending score order, become the prompts (Eq. 4).
+- `StaticPrompts` (section 3.2.1): k fixed learnable prompts shared by every input; the query is
+  ignored.
+
+Both expose `select(query[B, D]) -> (prompts[B, k, D], indices[B, k])`.
+
+Unlike the official code, which scores and gathers under `torch.no_grad()` so the pools never
+learn, the selected rows are gathered from the pool parameter with gradients: a loss reaches
+exactly the selected rows. The hard top-k itself is not differentiable, so the scores are
+computed on detached tensors.
+"""
+
+import torch
+from torch import nn
+
+
+class PromptPool(nn.Module):
+    """A pool of `size` learnable prompt vectors of width `dim`; `select` returns the top `k`.
+
+    Eq. 3: score_i = w_i^T q. Eq. 4: prompts = [w_(1), ..., w_(k)] sorted by descending score.
+    """
+
+    def __init__(self, size: int, dim: int, k: int):
+        super().__init__()
+        if not 0 < k <= size:
+            raise ValueError(f"PromptPool: need 0 < k <= size, got k={k}, size={size}")
+        self.k = k
+        self.weight = nn.Parameter(torch.randn(size, dim) * 0.02)  # [S, D], normal std 0.02
+
+    def scores(self, query: torch.Tensor) -> torch.Tensor:
+        """Eq. 3 on detached tensors (top-k has no gradient): query [B, D] -> scores [B, S]."""
+        return query.detach() @ self.weight.detach().t()
+
+    def select(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 4: query [B, D] -> (prompts [B, k, D], indices [B, k]), best score first."""
+        indices = self.scores(query).topk(self.k, dim=1, sorted=True).indices  # [B, k]
+        prompts = nn.functional.embedding(indices, self.weight)  # [B, k, D], grads to these rows
+        return prompts, indices
+
+
+class StaticPrompts(nn.Module):
+    """Section 3.2.1: k learnable prompts used for every input; the query is ignored."""
+
+    def __init__(self, k: int, dim: int):
+        super().__init__()
+        if k <= 0:
+            raise ValueError(f"StaticPrompts: need k > 0, got k={k}")
+        self.k = k
+        self.weight = nn.Parameter(torch.randn(k, dim) * 0.02)  # [k, D], normal std 0.02
+
+    def select(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """query [B, D] (only its batch size is used) -> (prompts [B, k, D], indices [B, k])."""
+        batch = query.shape[0]
+        prompts = self.weight.unsqueeze(0).expand(batch, -1, -1)  # [B, k, D]
+        indices = torch.arange(self.k, device=query.device).expand(batch, -1)  # [B, k]
+        return prompts, indices
+
+
+def build_prompts(mode: str, size: int, dim: int, k: int) -> PromptPool | StaticPrompts:
+    """Prompt source for one modality: mode "pool" (Eq. 3-4) or "static" (section 3.2.1)."""
+    if mode == "pool":
+        return PromptPool(size, dim, k)
+    if mode == "static":
+        return StaticPrompts(k, dim)
+    raise ValueError(f"prompt mode must be 'pool' or 'static', got {mode!r}")
