@@ -8,6 +8,28 @@ VQA-Med 2019). Release layouts are described in shared/DATASETS.md. Nothing is d
 Usage:  python prepare.py DATASET --src RAW_DIR --out data/DATASET [--seed 42] [flags]
         python prepare.py --help        (lists every dataset and the flags each one reads)
 
+Datasets (DATASET: --src folder -> task; splits):
+  roco            ROCO root (holds data/)         -> pretrain;  official train/validation/test
+  roco-retrieval  ROCO root                       -> retrieval; val/test capped (--eval-cap 2000)
+  medicat         MedICaT root (holds release/)   -> pretrain;  seeded --val-size/--test-size 1000
+  mimic-cxr       MIMIC-CXR-JPG root (files/, CSVs, mimic_cxr_sectioned.csv or --sections)
+                                                  -> pretrain (PA/AP); official split
+  mimic-cxr-ts    same root                       -> ts (findings -> impression); official split
+  mimic-cxr-itg   R2Gen folder (annotation.json, images/) -> itg; R2Gen train/val/test
+  chexpert        CheXpert-v1.0-small folder      -> ic (5 labels); valid.csv = test, seeded
+                  --val-size 5000 of train; also <out>_1pct and <out>_10pct (--fractions)
+  rsna            folder with stage_2_train_labels.csv and stage_2_train_images/ -> ic
+                  (1 label); PNGs written to <out>/images; seeded 70/15/15
+  radnli          folder with radnli_{dev,test}_v1.jsonl, --mednli mli_train_v1.jsonl
+                  [--pseudo-train FILE] -> tc; MedNLI (+pseudo) = train, dev = val, test = test
+  vqa-rad         folder with "VQA_RAD Dataset Public.json" and "VQA_RAD Image Folder/" -> vqa;
+                  test = phrase_type contains "test"; no official val, so a seeded
+                  --val-size 300 questions are held out of train
+  slake           Slake1.0 folder (train/validate/test.json, imgs/) -> vqa; English only
+  vqa-med-2019    folder holding the three unzipped releases (searched recursively) -> vqa;
+                  C4 abnormality dropped (via QAPairsByCategory/C4_Abnormality_*.txt and the
+                  test category column) unless --keep-abnormality
+
 Conventions (DATASETS.md, the PTUnifier/M3AE preprocessing):
 - texts: runs of whitespace collapsed, trimmed; pre-training, retrieval, report and
   summarization texts with fewer than 3 words are dropped. NLI sentences and VQA questions are
@@ -18,7 +40,8 @@ Conventions (DATASETS.md, the PTUnifier/M3AE preprocessing):
 - VQA answers are normalised by `normalize_answer`: lower-case, whitespace collapsed, trimmed,
   trailing periods removed. The answer vocabulary comes from train + val only; meta.json counts
   the test answers outside it ("test_answers_outside_vocab"); they can only be scored as wrong.
-- meta.json holds "counts" (per split), "dropped" ({reason: n}), "seed", "source" and
+- meta.json holds "counts" (per split), "dropped" ({reason: n}; "short_text" counts texts,
+  "no_text" the records left without any text, other reasons count records), "seed", "source",
   "image_root" (absolute path of the release folder, or of --out for converted images);
   image paths in records are relative to image_root.
 Malformed input (bad CSV row, bad JSON line, unknown label value) raises PrepareError naming the
@@ -33,9 +56,7 @@ import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from data import write_manifest
-
-MIN_WORDS = 3
+from data import MIN_WORDS, write_manifest
 
 
 class PrepareError(ValueError):
@@ -117,7 +138,8 @@ def read_csv(path: str, columns: list[str]):
         reader = csv.DictReader(f)
         missing = [c for c in columns if c not in (reader.fieldnames or [])]
         if missing:
-            raise PrepareError(f"{path}:1: header lacks columns {missing}: found {reader.fieldnames}")
+            raise PrepareError(f"{path}:1: header lacks columns {missing}: "
+                               f"found {reader.fieldnames}")
         try:
             for row in reader:
                 if None in row or None in row.values():
@@ -174,7 +196,8 @@ def find_file(root: str, name: str) -> str:
     hits = sorted(os.path.join(d, name) for d, dirs, files in os.walk(root)
                   if name in files or name in dirs)
     if len(hits) != 1:
-        raise PrepareError(f"{root}: expected exactly one '{name}' below it, found {hits or 'none'}")
+        raise PrepareError(f"{root}: expected exactly one '{name}' below it, "
+                           f"found {hits or 'none'}")
     return hits[0]
 
 
@@ -211,15 +234,15 @@ def read_roco(src: str, dropped: Counter) -> list[tuple]:
 
 
 def convert_roco(args) -> list[Output]:
-    """ROCO radiology subset -> pretrain manifest, official train/validation/test splits."""
-    dropped, texts = Counter(), defaultdict(list)
-    split_of = {}
+    """ROCO radiology subset -> pretrain manifest, official train/validation/test splits.
+    Each ROCO image has one caption, so texts is a one-element list."""
+    dropped, records = Counter(), []
     for split, roco_id, image, caption in read_roco(args.src, dropped):
-        split_of[image] = split
-        texts[image] += keep_texts([caption], dropped)
-    records = [{"id": os.path.basename(img)[:-4], "split": split_of[img], "image": img,
-                "texts": t} for img, t in texts.items() if t]
-    dropped["no_text"] += sum(1 for t in texts.values() if not t)
+        texts = keep_texts([caption], dropped)
+        if texts:
+            records.append({"id": roco_id, "split": split, "image": image, "texts": texts})
+        else:
+            dropped["no_text"] += 1
     return [Output(args.out, "pretrain", records, dropped, args.src)]
 
 
@@ -416,7 +439,8 @@ def read_chexpert(src: str, csv_name: str, dropped: Counter) -> list[dict]:
             raise PrepareError(f"{path}:{line}: Path {row['Path']!r}: expected "
                                "'CheXpert-v1.0-small/train|valid/...'")
         if image_exists(src, image, dropped):
-            kept.append({"id": image[:-4].replace("/", "_"), "image": image, "labels": labels})
+            rid = os.path.splitext(image)[0].replace("/", "_")
+            kept.append({"id": rid, "image": image, "labels": labels})
     return kept
 
 
@@ -720,7 +744,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "chexpert 5000, vqa-rad 300)")
     g.add_argument("--test-size", type=int, default=1000, help="medicat test figures")
     g = p.add_argument_group("mimic-cxr, mimic-cxr-ts, mimic-cxr-itg")
-    g.add_argument("--sections", help="mimic_cxr_sectioned.csv (default: SRC/mimic_cxr_sectioned.csv)")
+    g.add_argument("--sections",
+                   help="mimic_cxr_sectioned.csv (default: SRC/mimic_cxr_sectioned.csv)")
     g.add_argument("--annotation", help="R2Gen annotation.json (default: SRC/annotation.json)")
     g.add_argument("--images", help="R2Gen image folder (default: SRC/images)")
     g = p.add_argument_group("chexpert")

@@ -4,6 +4,7 @@ import csv
 import gzip
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -80,12 +81,34 @@ def test_seeded_holdout_is_deterministic_disjoint_and_sized():
         prepare.seeded_holdout(keys[:3], {"val": 2, "test": 2}, seed=1)
 
 
+def test_check_disjoint_refuses_overlap():
+    prepare.check_disjoint([{"image": "a", "split": "train"}, {"image": "a", "split": "train"}],
+                           "image")
+    with pytest.raises(AssertionError, match="'a' is in both train and test"):
+        prepare.check_disjoint([{"image": "a", "split": "train"},
+                                {"image": "a", "split": "test"}], "image")
+
+
+def test_cli_refuses_unknown_flags_and_datasets(tmp_path):
+    with pytest.raises(SystemExit):
+        prepare.main(["roco", "--src", str(tmp_path), "--out", str(tmp_path), "--bogus", "1"])
+    with pytest.raises(SystemExit):
+        prepare.main(["imagenet", "--src", str(tmp_path), "--out", str(tmp_path)])
+
+
+def test_rsna_without_pydicom_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pydicom", None)  # makes `import pydicom` fail
+    with pytest.raises(SystemExit, match="pip install pydicom"):
+        prepare.main(["rsna", "--src", str(tmp_path), "--out", str(tmp_path / "out")])
+
+
 # ----------------------------------------------------------------------------- ROCO
 
 def make_roco(root):
-    entries = {"train": [("ROCO_00001", " CT scan of the   chest."), ("ROCO_00002", " Axial MRI brain"),
+    entries = {"train": [("ROCO_00001", " CT scan of the   chest."),
+                         ("ROCO_00002", " Axial MRI brain"),
                          ("ROCO_00003", " Too short"), ("ROCO_00004", " image file is missing")],
-               "validation": [(f"ROCO_1000{i}", f" Validation caption number {i}") for i in range(3)],
+               "validation": [(f"ROCO_1000{i}", f" Val caption number {i}") for i in range(3)],
                "test": [(f"ROCO_2000{i}", f" Test caption number {i}") for i in range(3)]}
     for leaf, rows in entries.items():
         folder = root / "data" / leaf / "radiology"
@@ -162,10 +185,15 @@ def test_medicat(tmp_path):
 def make_mimic(root):
     """Subjects 10000001 (train, 2 studies), 10000002 (validate), 10000003 (test)."""
     split_rows, meta_rows, sections = [], [], []
-    studies = [("10000001", "50000001", "train", "PA", "The lungs are clear.", "No acute disease."),
-               ("10000001", "50000002", "train", "AP", "Short one", "Stable  cardiomegaly is seen."),
-               ("10000002", "50000003", "validate", "PA", "Heart size is normal.", "Normal chest radiograph."),
-               ("10000003", "50000004", "test", "AP", "Small left effusion noted.", "Small effusion")]
+    # (subject, study, split, view, findings, impression)
+    studies = [("10000001", "50000001", "train", "PA", "The lungs are clear.",
+                "No acute disease."),
+               ("10000001", "50000002", "train", "AP", "Short one",
+                "Stable  cardiomegaly is seen."),
+               ("10000002", "50000003", "validate", "PA", "Heart size is normal.",
+                "Normal chest radiograph."),
+               ("10000003", "50000004", "test", "AP", "Small left effusion noted.",
+                "Small effusion")]
     for subject, study, split, view, findings, impression in studies:
         for view_k, dicom in ((view, f"d{study}"), ("LATERAL", f"lat{study}")):
             split_rows.append((dicom, study, subject, split))
@@ -174,8 +202,8 @@ def make_mimic(root):
         sections.append((f"s{study}", impression, findings, "", ""))
     split_rows.append(("dmissing", "50000001", "10000001", "train"))  # no image file
     meta_rows.append(("dmissing", "10000001", "50000001", "PA"))
-    write_csv(str(root / "mimic-cxr-2.0.0-split.csv"), ["dicom_id", "study_id", "subject_id", "split"],
-              split_rows, gz=True)
+    write_csv(str(root / "mimic-cxr-2.0.0-split.csv"),  # gzipped, as in the real release
+              ["dicom_id", "study_id", "subject_id", "split"], split_rows, gz=True)
     write_csv(str(root / "mimic-cxr-2.0.0-metadata.csv"),
               ["dicom_id", "subject_id", "study_id", "ViewPosition"], meta_rows)
     write_csv(str(root / "mimic_cxr_sectioned.csv"),
@@ -220,7 +248,8 @@ def test_mimic_bad_csv_row_names_file_and_line(tmp_path):
 def test_mimic_cxr_report_generation(tmp_path):
     src = tmp_path / "r2gen"
     ann = {s: [{"id": f"{s}{i}", "study_id": i, "subject_id": i, "split": s,
-                "report": f"The {s}  report number {i} .", "image_path": [f"p10/p1/s{i}/{s}{i}.jpg"]}
+                "report": f"The {s}  report number {i} .",
+                "image_path": [f"p10/p1/s{i}/{s}{i}.jpg"]}
                for i in range(2)] for s in ("train", "val", "test")}
     ann["train"][1]["report"] = "normal."
     ann["test"][1]["image_path"] = ["p10/p1/s9/absent.jpg"]
@@ -306,7 +335,8 @@ def write_dicom(path, pixels, photometric):
     file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = file_meta
-    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, file_meta.MediaStorageSOPInstanceUID
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = file_meta.MediaStorageSOPInstanceUID
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
@@ -322,13 +352,14 @@ def test_rsna(tmp_path):
     for i in range(20):
         pid = f"pat{i:02d}"
         target = "1" if i % 4 == 0 else "0"
-        rows.append((pid, "1", "2", "3", "4", target) if target == "1" else (pid, "", "", "", "", "0"))
+        rows.append((pid, "1", "2", "3", "4", "1") if target == "1" else (pid, "", "", "", "", "0"))
         if i == 0:
             rows.append((pid, "5", "6", "7", "8", "1"))  # a second box of the same patient
         write_dicom(str(src / "stage_2_train_images" / f"{pid}.dcm"), pixels,
                     "MONOCHROME1" if i == 1 else "MONOCHROME2")
     rows.append(("ghost", "", "", "", "", "0"))  # no DICOM
-    write_csv(str(src / prepare.RSNA_CSV), ["patientId", "x", "y", "width", "height", "Target"], rows)
+    write_csv(str(src / prepare.RSNA_CSV),
+              ["patientId", "x", "y", "width", "height", "Target"], rows)
     records, meta = run("rsna", src, out)
     recs = by_id(records)
     assert meta["counts"] == {"train": 14, "val": 3, "test": 3}
@@ -442,7 +473,8 @@ def make_vqa_med(root):
     write(train_dir / "All_QA_Pairs_train.txt",
           "t1|what modality is shown?|CT\nt2|is this an mri?|Yes\nt1|what is abnormal?|cyst\n"
           "t9|which plane?|axial\n")
-    write(train_dir / "QAPairsByCategory" / "C4_Abnormality_train.txt", "t1|what is abnormal?|cyst\n")
+    write(train_dir / "QAPairsByCategory" / "C4_Abnormality_train.txt",
+          "t1|what is abnormal?|cyst\n")
     write(val_dir / "All_QA_Pairs_val.txt", "v1|which plane?|Sagittal\n")
     write(val_dir / "QAPairsByCategory" / "C4_Abnormality_val.txt", "")
     write(test_dir / "VQAMed2019_Test_Questions_w_Ref_Answers.txt",
@@ -464,7 +496,8 @@ def test_vqa_med_2019(tmp_path):
     assert_images_exist(records, meta)
 
     kept, meta = run("vqa-med-2019", tmp_path / "med19", tmp_path / "keep", "--keep-abnormality")
-    assert meta["counts"] == {"train": 3, "val": 1, "test": 3} and "abnormality" not in meta["dropped"]
+    assert meta["counts"] == {"train": 3, "val": 1, "test": 3}
+    assert "abnormality" not in meta["dropped"]
     assert "cyst" in meta["answers"]
 
     write(tmp_path / "med19" / "VQAMed2019Test" / "VQAMed2019_Test_Questions_w_Ref_Answers.txt",
