@@ -3,16 +3,35 @@
 Implements the data side of PTUnifier (ICCV 2023):
 - manifests: the on-disk contract shared by prepare.py (real datasets) and synth.py
   (synthetic benchmark); every line is validated and errors name file:line and field.
+- images: any PIL mode -> RGB, shorter-side resize + centre crop (eval) or a mild random
+  resized crop (train), CLIP mean/std (paper 5.3: 288 px pre-training, 384 px fine-tuning).
+- text: a RoBERTa byte-level BPE / BERT WordPiece wrapper over `tokenizers`; pre-training reads
+  one random sentence per access (paper 5.3 / official code), downstream tasks the whole text.
+- objectives' inputs: MLM masking, 15% of real tokens, 80/10/10 (paper 3.3, Eq. 5) and ITM
+  negatives, exactly half of a batch paired with another image of the batch (Eq. 6).
+- datasets, collate functions and a DataLoader factory that is DDP-aware and seeded.
 
 Manifest layout (one task folder): `manifest.jsonl`, one JSON object a line, and `meta.json`.
 Every record has `id` (unique str) and `split` in {"train", "val", "test"} plus the task
 fields of TASK_FIELDS. Image paths are relative to meta["image_root"] (itself relative to the
 task folder, or absolute); a path that is absolute or contains ".." is refused.
 """
+import dataclasses
 import json
+import math
 import os
+import random
+import re
 import tempfile
+import unicodedata
+import warnings
 from pathlib import Path, PurePosixPath, PureWindowsPath
+
+import numpy as np
+import tokenizers
+import torch
+from PIL import Image
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 SPLITS = ("train", "val", "test")
 ANSWER_TYPES = ("closed", "open")
@@ -197,3 +216,531 @@ def resolve_image(meta_folder, meta: dict, rel_path: str) -> Path:
     if not root.is_absolute():
         root = Path(meta_folder) / root
     return root / rel_path
+
+
+# ----------------------------------------------------------------------------- images
+
+# Decompression-bomb limit: images with more pixels are refused. 64 MP is ~7x a 3000x3000 chest
+# film; PIL raises DecompressionBombError above twice this and warns above it (we make the
+# warning an error in load_image). Set on import because PIL reads the module-level value.
+MAX_IMAGE_PIXELS = 64_000_000
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class UnreadableImage(OSError):
+    """An image file is missing, empty, corrupt, truncated or too large; message names it."""
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB. 16/32-bit integer and float images are scaled by their max."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        peak = arr.max()
+        arr = np.clip(arr, 0, None) * (255.0 / peak) if peak > 0 else np.zeros_like(arr)
+        im = Image.fromarray(np.round(arr).astype(np.uint8))
+    return im.convert("RGB")
+
+
+def load_image(path) -> Image.Image:
+    """Decode `path` fully into an RGB PIL image; raise UnreadableImage naming the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise UnreadableImage(f"{path}: image file is missing")
+    if path.stat().st_size == 0:
+        raise UnreadableImage(f"{path}: image file is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                return _to_rgb(im)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise UnreadableImage(f"{path}: refused, more than {MAX_IMAGE_PIXELS} pixels ({e})") from None
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for corrupt/truncated files
+        raise UnreadableImage(f"{path}: cannot decode image ({e})") from None
+
+
+def _random_crop_box(width: int, height: int, scale=(0.8, 1.0), ratio=(3 / 4, 4 / 3)):
+    """A random (left, top, w, h) box of area fraction in `scale` and aspect ratio in `ratio`
+    (log-uniform), drawn from torch's global RNG; after 10 misses, the centre crop of the
+    image clamped to `ratio`."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand(()).item())
+        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * torch.rand(()).item())
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left = int(torch.randint(0, width - w + 1, ()).item())
+            top = int(torch.randint(0, height - h + 1, ()).item())
+            return left, top, w, h
+    w, h = width, height                     # fallback: the centre crop clamped to `ratio`
+    if w / h > ratio[1]:
+        w = round(h * ratio[1])
+    elif w / h < ratio[0]:
+        h = round(w / ratio[0])
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def image_to_tensor(im: Image.Image, size: int, train: bool) -> torch.Tensor:
+    """RGB PIL image -> normalised float tensor [3, size, size].
+
+    eval: resize the shorter side to `size` (bicubic) then centre-crop;
+    train: random-resized crop (scale 0.8-1.0, ratio 3/4-4/3) resized to size x size.
+    """
+    if train:
+        left, top, w, h = _random_crop_box(*im.size)
+        im = im.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
+    else:
+        scale = size / min(im.size)
+        new = (max(size, round(im.width * scale)), max(size, round(im.height * scale)))
+        im = im.resize(new, Image.BICUBIC)
+        left, top = (im.width - size) // 2, (im.height - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+    arr = np.asarray(im, dtype=np.float32) / 255.0  # (H, W, 3)
+    arr = (arr - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
+    return torch.from_numpy(arr.transpose(2, 0, 1).copy())  # (H, W, 3) -> (3, H, W)
+
+
+class SkipTracker:
+    """Accumulates the unreadable image paths reported in `Batch.skipped` over a split and
+    raises once more than `max_fraction` of the split's `total` samples were unreadable.
+
+    Counting happens here, in the main process, because counters inside DataLoader workers
+    are invisible to it.
+    """
+
+    def __init__(self, total: int, max_fraction: float = 0.01, split: str = "train"):
+        self.total, self.max_fraction, self.split = total, max_fraction, split
+        self.paths: set[str] = set()
+
+    def update(self, batch: "Batch") -> None:
+        self.paths.update(batch.skipped)
+        if len(self.paths) > self.max_fraction * self.total:
+            shown = ", ".join(sorted(self.paths)[:5])
+            raise RuntimeError(f"{len(self.paths)} of {self.total} images of split "
+                               f"'{self.split}' are unreadable (limit {self.max_fraction:.1%}); "
+                               f"first: {shown}")
+
+
+# ----------------------------------------------------------------------------- text
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028\u2029\ufeff]")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def clean_text(text: str) -> str:
+    """Replace control/format characters by spaces, collapse whitespace runs, trim."""
+    text = _CONTROL.sub(" ", unicodedata.normalize("NFC", text))
+    return " ".join(text.split())
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split after '.', '!' or '?' followed by whitespace; keep sentences of >= 3 words."""
+    return [s for s in _SENTENCE_END.split(clean_text(text)) if len(s.split()) >= MIN_WORDS]
+
+
+def pick_sentence(texts: list[str], rng: random.Random) -> str:
+    """Pre-training text rule (paper 5.3, official code "one random sentence"): choose one of
+    `texts` uniformly among those with a sentence of >= 3 words, then one such sentence
+    uniformly. A text without such a sentence is used whole; if none has one, a whole text."""
+    candidates = [s for s in (split_sentences(t) for t in texts) if s]
+    if not candidates:
+        return clean_text(texts[rng.randrange(len(texts))])
+    sentences = candidates[rng.randrange(len(candidates))]
+    return sentences[rng.randrange(len(sentences))]
+
+
+SPECIALS_BPE = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")  # ids 0..4, RoBERTa order
+SPECIALS_WORDPIECE = ("[CLS]", "[PAD]", "[SEP]", "[UNK]", "[MASK]")
+
+
+class Tokenizer:
+    """RoBERTa byte-level BPE or BERT lower-case WordPiece on the `tokenizers` library.
+
+    Attributes: kind ("bpe" | "wordpiece"), vocab_size, bos_id, pad_id, eos_id, unk_id, mask_id
+    (<s> <pad> </s> <unk> <mask>, or [CLS] [PAD] [SEP] [UNK] [MASK]), special_ids.
+    """
+
+    def __init__(self, backend: tokenizers.Tokenizer, kind: str):
+        self.backend, self.kind = backend, kind
+        names = SPECIALS_BPE if kind == "bpe" else SPECIALS_WORDPIECE
+        ids = [backend.token_to_id(n) for n in names]
+        if None in ids:
+            raise ValueError(f"tokenizer lacks special tokens {names} (got ids {ids})")
+        self.bos_id, self.pad_id, self.eos_id, self.unk_id, self.mask_id = ids
+        self.special_ids = sorted(set(ids))
+        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def load(cls, path) -> "Tokenizer":
+        """Load tokenizer.json (file or folder), vocab.json+merges.txt, or vocab.txt."""
+        path = Path(path)
+        if path.is_file() and path.suffix == ".json":
+            return cls._from_json(path)
+        if (path / "tokenizer.json").is_file():
+            return cls._from_json(path / "tokenizer.json")
+        if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+            return cls(_bpe_backend(models.BPE.from_file(
+                str(path / "vocab.json"), str(path / "merges.txt"))), "bpe")
+        if (path / "vocab.txt").is_file():
+            return cls(_wordpiece_backend(path / "vocab.txt"), "wordpiece")
+        raise FileNotFoundError(f"{path}: expected tokenizer.json, vocab.json+merges.txt or "
+                                "vocab.txt")
+
+    @classmethod
+    def _from_json(cls, path: Path) -> "Tokenizer":
+        backend = tokenizers.Tokenizer.from_file(str(path))
+        kind = "wordpiece" if isinstance(backend.model, models.WordPiece) else "bpe"
+        return cls(backend, kind)
+
+    @classmethod
+    def train(cls, corpus: list[str], vocab_size: int, path) -> "Tokenizer":
+        """Train a RoBERTa-style byte-level BPE (specials <s>=0 <pad>=1 </s>=2 <unk>=3
+        <mask>=4) on `corpus` and save it as the tokenizer.json file `path`."""
+        backend = _bpe_backend(models.BPE())
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2,
+                                      special_tokens=list(SPECIALS_BPE), show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        backend.train_from_iterator([clean_text(t) for t in corpus], trainer=trainer)
+        backend.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        backend.save(str(path))
+        return cls._from_json(Path(path))
+
+    def encode(self, texts: list[str], max_length: int, pair: list[str] | None = None):
+        """Clean and tokenise `texts` (and `pair`, as second segments) with specials, truncate
+        (longest first) to `max_length` and pad to the longest in the batch.
+
+        Returns (input_ids LongTensor[B, L], attention_mask LongTensor[B, L]), L <= max_length.
+        Raises ValueError for a text that is empty after cleaning.
+        """
+        firsts = [self._checked(t) for t in texts]
+        inputs = firsts if pair is None else list(zip(firsts, [self._checked(t) for t in pair]))
+        self.backend.enable_truncation(max_length, strategy="longest_first")
+        self.backend.no_padding()
+        encodings = self.backend.encode_batch(inputs)
+        length = max(len(e.ids) for e in encodings)
+        ids = torch.full((len(encodings), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(encodings), length), dtype=torch.long)
+        for row, e in enumerate(encodings):
+            ids[row, : len(e.ids)] = torch.tensor(e.ids, dtype=torch.long)
+            mask[row, : len(e.ids)] = 1
+        return ids, mask
+
+    @staticmethod
+    def _checked(text: str) -> str:
+        cleaned = clean_text(text)
+        if not cleaned:
+            raise ValueError(f"empty text after cleaning: {text!r}")
+        return cleaned
+
+    def decode(self, ids) -> str:
+        """Token ids (list or 1-D tensor) -> text, special tokens removed."""
+        ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
+        special = set(self.special_ids)
+        return self.backend.decode([i for i in ids if i not in special]).strip()
+
+
+def _bpe_backend(model) -> tokenizers.Tokenizer:
+    """A RoBERTa pipeline: byte-level pre-tokenizer without prefix space, <s> A </s></s> B </s>."""
+    backend = tokenizers.Tokenizer(model)
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    if backend.token_to_id("</s>") is not None:
+        backend.post_processor = processors.RobertaProcessing(
+            ("</s>", backend.token_to_id("</s>")), ("<s>", backend.token_to_id("<s>")))
+    return backend
+
+
+def _wordpiece_backend(vocab_txt: Path) -> tokenizers.Tokenizer:
+    """A BERT uncased pipeline: [CLS] A [SEP] B [SEP], lower-casing and accent stripping."""
+    backend = tokenizers.Tokenizer(models.WordPiece.from_file(str(vocab_txt), unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                    strip_accents=None, lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece(prefix="##")
+    backend.post_processor = processors.BertProcessing(
+        ("[SEP]", backend.token_to_id("[SEP]")), ("[CLS]", backend.token_to_id("[CLS]")))
+    return backend
+
+
+# ----------------------------------------------------------------------------- MLM / ITM
+
+def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, tok: Tokenizer,
+                generator: torch.Generator, prob: float = 0.15):
+    """BERT masking (paper 3.3, Eq. 5) of input_ids [B, L].
+
+    Each real token (not special, not pad) is selected with probability `prob`; a row with at
+    least one real token and no selection gets one selected at random. Selected tokens become
+    <mask> (80%), a random non-special token (10%) or stay unchanged (10%).
+    Returns (masked_ids [B, L], labels [B, L]: the original id where selected, else -100).
+    """
+    special = torch.isin(input_ids, torch.tensor(tok.special_ids)) | (attention_mask == 0)
+    real = ~special
+    selected = (torch.rand(input_ids.shape, generator=generator) < prob) & real
+    empty = real.any(1) & ~selected.any(1)
+    if empty.any():
+        scores = torch.rand(input_ids.shape, generator=generator).masked_fill(special, -1.0)
+        forced = torch.zeros_like(selected).scatter_(1, scores.argmax(1, keepdim=True), True)
+        selected |= forced & empty[:, None]
+    labels = input_ids.masked_fill(~selected, -100)
+    action = torch.rand(input_ids.shape, generator=generator)
+    ordinary = torch.tensor([i for i in range(tok.vocab_size) if i not in tok.special_ids])
+    random_ids = ordinary[torch.randint(len(ordinary), input_ids.shape, generator=generator)]
+    masked = input_ids.clone()
+    masked[selected & (action < 0.8)] = tok.mask_id
+    swap = selected & (action >= 0.8) & (action < 0.9)
+    masked[swap] = random_ids[swap]
+    return masked, labels
+
+
+def itm_pairs(batch_size: int, generator: torch.Generator):
+    """ITM negatives (paper 3.3, Eq. 6): floor(B/2) random rows get another row's image.
+
+    Returns (itm_image_index LongTensor[B]: index into the batch's images, i for positives,
+    itm_labels LongTensor[B]: 1 matched, 0 not).
+    """
+    index = torch.arange(batch_size)
+    labels = torch.ones(batch_size, dtype=torch.long)
+    if batch_size < 2:
+        return index, labels
+    negatives = torch.randperm(batch_size, generator=generator)[: batch_size // 2]
+    shift = torch.randint(1, batch_size, (len(negatives),), generator=generator)
+    index[negatives] = (negatives + shift) % batch_size  # never the row's own image
+    labels[negatives] = 0
+    return index, labels
+
+
+# ----------------------------------------------------------------------------- batches
+
+@dataclasses.dataclass
+class Batch:
+    """One collated batch; fields a task does not use stay None. B = batch size."""
+    ids: list[str] = dataclasses.field(default_factory=list)
+    pixel_values: torch.Tensor | None = None    # [B, 3, H, W] float, CLIP-normalised
+    input_ids: torch.Tensor | None = None       # [B, L] text input (pretrain sentence, tc pair,
+    attention_mask: torch.Tensor | None = None  # [B, L]  ts source, vqa question, retrieval text)
+    target_ids: torch.Tensor | None = None      # [B, T] ts impression / itg report, with bos/eos
+    target_mask: torch.Tensor | None = None     # [B, T]
+    labels: torch.Tensor | None = None          # ic float[B, C]; tc long[B]; vqa float[B, A]
+    answers: list[str] | None = None            # vqa raw answers (may be outside the vocabulary)
+    answer_types: list[str] | None = None       # vqa "closed" | "open"
+    references: list[str] | None = None         # raw target strings for NLG metrics
+    mlm_input_ids: torch.Tensor | None = None   # [B, L] input_ids after masking
+    mlm_labels: torch.Tensor | None = None      # [B, L] original id at masked places, else -100
+    itm_image_index: torch.Tensor | None = None  # [B] image row paired with text row i
+    itm_labels: torch.Tensor | None = None      # [B] 1 matched, 0 not
+    skipped: list[str] = dataclasses.field(default_factory=list)  # unreadable image paths
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def to(self, device, non_blocking: bool = True) -> "Batch":
+        """A copy with every tensor moved to `device`."""
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name, value in moved.items():
+            if torch.is_tensor(value):
+                moved[name] = value.to(device, non_blocking=non_blocking)
+        return Batch(**moved)
+
+
+@dataclasses.dataclass
+class Sample:
+    """One dataset item before collation; `skipped` holds the path of an unreadable image."""
+    id: str
+    image: torch.Tensor | None = None
+    text: str | None = None
+    text_b: str | None = None
+    target: str | None = None
+    label: object = None
+    answer_type: str | None = None
+    skipped: str | None = None
+
+
+def _worker_generator(seed: int, cache: dict) -> torch.Generator:
+    """A torch.Generator per process: seeded from `seed` and, inside a DataLoader worker, the
+    worker's own seed, so workers draw different but reproducible masks/negatives."""
+    info = torch.utils.data.get_worker_info()
+    key = None if info is None else info.seed
+    if cache.get("key", "unset") != key:
+        cache["key"] = key
+        cache["gen"] = torch.Generator().manual_seed((seed * 1_000_003 + (key or 0)) % 2**63)
+    return cache["gen"]
+
+
+class _ImageDataset(torch.utils.data.Dataset):
+    """Shared image handling: train mode reports unreadable images, eval mode raises."""
+
+    def __init__(self, folder, split, tokenizer: Tokenizer, image_size: int, max_len: int,
+                 train: bool):
+        self.folder, self.split = Path(folder), split
+        self.records, self.meta = read_manifest(folder, split)
+        self.tokenizer, self.image_size, self.max_len, self.train = (
+            tokenizer, image_size, max_len, train)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _image(self, record: dict) -> tuple[torch.Tensor | None, str | None]:
+        """(tensor, None) or, in train mode, (None, path) for an unreadable image."""
+        path = resolve_image(self.folder, self.meta, record["image"])
+        try:
+            return image_to_tensor(load_image(path), self.image_size, self.train), None
+        except UnreadableImage:
+            if not self.train:
+                raise
+            return None, str(path)
+
+
+class PretrainDataset(_ImageDataset):
+    """Pre-training pairs: image + one random sentence of its texts per access (pick_sentence)."""
+
+    def __init__(self, folder, split, tokenizer, image_size, max_len, train, seed: int = 0):
+        super().__init__(folder, split, tokenizer, image_size, max_len, train)
+        if self.meta["task"] != "pretrain":
+            raise ManifestError(f"{self.folder / 'meta.json'}: key 'task' is "
+                                f"{self.meta['task']!r}: expected 'pretrain'")
+        self.collate = PretrainCollate(tokenizer, max_len, seed)
+
+    def __getitem__(self, i: int) -> Sample:
+        record = self.records[i]
+        image, skipped = self._image(record)
+        if self.train:
+            text = pick_sentence(record["texts"], random.Random(torch.randint(2**62, ()).item()))
+        else:
+            text = pick_sentence(record["texts"], random.Random(f"{record['id']}"))
+        return Sample(record["id"], image=image, text=text, skipped=skipped)
+
+
+class PretrainCollate:
+    """Samples -> Batch with text input, MLM-masked copy and ITM pairing (picklable)."""
+
+    def __init__(self, tokenizer: Tokenizer, max_len: int, seed: int):
+        self.tokenizer, self.max_len, self.seed, self._cache = tokenizer, max_len, seed, {}
+
+    def __getstate__(self):
+        return {**self.__dict__, "_cache": {}}
+
+    def __call__(self, samples: list[Sample]) -> Batch:
+        kept = [s for s in samples if s.skipped is None]
+        batch = Batch(ids=[s.id for s in kept], skipped=[s.skipped for s in samples if s.skipped])
+        if not kept:
+            return batch
+        gen = _worker_generator(self.seed, self._cache)
+        batch.pixel_values = torch.stack([s.image for s in kept])  # (B, 3, H, W)
+        batch.input_ids, batch.attention_mask = self.tokenizer.encode(
+            [s.text for s in kept], self.max_len)
+        batch.mlm_input_ids, batch.mlm_labels = mask_tokens(
+            batch.input_ids, batch.attention_mask, self.tokenizer, gen)
+        batch.itm_image_index, batch.itm_labels = itm_pairs(len(kept), gen)
+        return batch
+
+
+class TaskDataset(_ImageDataset):
+    """The six downstream tasks (meta task ic, tc, ts, retrieval, itg, vqa), whole texts."""
+
+    def __init__(self, folder, split, tokenizer, image_size, max_len, train):
+        super().__init__(folder, split, tokenizer, image_size, max_len, train)
+        self.task = self.meta["task"]
+        if self.task == "pretrain":
+            raise ManifestError(f"{self.folder / 'meta.json'}: key 'task' is 'pretrain': "
+                                "expected a downstream task (use PretrainDataset)")
+        self.classes = self.meta.get("classes")
+        self.answers = self.meta.get("answers")
+        self.collate = TaskCollate(self.task, tokenizer, max_len, self.classes, self.answers)
+
+    def __getitem__(self, i: int) -> Sample:
+        r = self.records[i]
+        image, skipped = self._image(r) if "image" in r else (None, None)
+        sample = Sample(r["id"], image=image, skipped=skipped)
+        if self.task == "ic":
+            sample.label = r["labels"]
+        elif self.task == "tc":
+            sample.text, sample.text_b, sample.label = r["text_a"], r["text_b"], r["label"]
+        elif self.task == "ts":
+            sample.text, sample.target = r["source"], r["target"]
+        elif self.task == "retrieval":
+            sample.text = r["text"]
+        elif self.task == "itg":
+            sample.target = r["report"]
+        elif self.task == "vqa":
+            sample.text, sample.label, sample.answer_type = (
+                r["question"], r["answer"], r["answer_type"])
+        return sample
+
+
+class TaskCollate:
+    """Samples of one downstream task -> Batch (picklable; no randomness)."""
+
+    def __init__(self, task: str, tokenizer: Tokenizer, max_len: int, classes, answers):
+        self.task, self.tokenizer, self.max_len = task, tokenizer, max_len
+        self.classes, self.answers = classes, answers
+        self.answer_index = {a: i for i, a in enumerate(answers or [])}
+
+    def __call__(self, samples: list[Sample]) -> Batch:
+        kept = [s for s in samples if s.skipped is None]
+        batch = Batch(ids=[s.id for s in kept], skipped=[s.skipped for s in samples if s.skipped])
+        if not kept:
+            return batch
+        if kept[0].image is not None:
+            batch.pixel_values = torch.stack([s.image for s in kept])  # (B, 3, H, W)
+        if kept[0].text is not None:
+            pair = [s.text_b for s in kept] if self.task == "tc" else None
+            batch.input_ids, batch.attention_mask = self.tokenizer.encode(
+                [s.text for s in kept], self.max_len, pair=pair)
+        if kept[0].target is not None:
+            batch.references = [clean_text(s.target) for s in kept]
+            batch.target_ids, batch.target_mask = self.tokenizer.encode(
+                batch.references, self.max_len)
+        self._labels(batch, kept)
+        return batch
+
+    def _labels(self, batch: Batch, kept: list[Sample]) -> None:
+        if self.task == "ic":
+            batch.labels = torch.tensor([s.label for s in kept], dtype=torch.float)  # (B, C)
+        elif self.task == "tc":
+            batch.labels = torch.tensor([self.classes.index(s.label) for s in kept])  # (B,)
+        elif self.task == "vqa":
+            batch.labels = torch.zeros(len(kept), len(self.answers))  # (B, A)
+            for row, s in enumerate(kept):
+                if s.label in self.answer_index:
+                    batch.labels[row, self.answer_index[s.label]] = 1.0
+            batch.answers = [s.label for s in kept]
+            batch.answer_types = [s.answer_type for s in kept]
+
+
+# ----------------------------------------------------------------------------- loader
+
+def _seed_worker(worker_id: int) -> None:
+    """Seed python and numpy in a DataLoader worker from its torch seed (base_seed + id)."""
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def make_loader(dataset, batch_size: int, train: bool, seed: int,
+                distributed: bool | None = None, num_workers: int = 2):
+    """DataLoader over `dataset` using its `collate`.
+
+    distributed=None means "if a torch.distributed process group is initialised": then a
+    DistributedSampler (shuffle=train, seed) splits the data; call loader.sampler.set_epoch(e)
+    every epoch. In eval it pads each rank to equal length by repeating up to world_size - 1
+    samples: de-duplicate by Batch.ids before computing metrics. Train drops the last partial
+    batch. Worker randomness is derived from `seed` (generator + _seed_worker).
+    """
+    initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and not initialised:
+        raise RuntimeError("make_loader(distributed=True) needs an initialised process group")
+    distributed = initialised if distributed is None else distributed
+    sampler = None
+    if distributed:
+        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=train, seed=seed,
+                                                      drop_last=False)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+        collate_fn=dataset.collate, num_workers=num_workers, drop_last=train,
+        pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
+        worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(seed))
