@@ -198,7 +198,7 @@ def _findings(case: Case, sides, x, y, rng) -> np.ndarray:
         sign = -1 if side == "right" else 1
         height = {"small": 0.14, "moderate": 0.26, "large": 0.4}[case.effusion_size]
         meniscus = floor - height - 0.18 * np.clip(sign * (x - cx) / rx, -1, 1)  # higher laterally
-        add += 0.42 * mask * np.clip((y - meniscus) / 0.05, 0, 1)
+        add += 0.3 * mask * np.clip((y - meniscus) / 0.05, 0, 1)
     if case.pneumothorax:
         mask, cx, rx, _ = sides[case.pneumothorax]
         sign = -1 if case.pneumothorax == "right" else 1

@@ -1,0 +1,99 @@
+"""Tests for synth.py: determinism (same seed -> same bytes), schema validity of all seven task
+folders, splits disjoint by case, reported duplicate rate, rendered findings."""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+import data
+import synth
+
+TASKS = ("pretrain", "ic", "tc", "ts", "retrieval", "itg", "vqa")
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    outs = [tmp_path_factory.mktemp(f"run{i}") for i in range(2)]
+    for i, out in enumerate(outs):  # one in-process, one with a worker pool: same bytes
+        synth.generate(out, 20, 5, 5, seed=3, image_size=64, vocab_size=500, workers=1 + i)
+    return outs
+
+
+def _files(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_bytes(two_runs, tmp_path):
+    a, b = (_files(o) for o in two_runs)
+    assert a.keys() == b.keys() and len([k for k in a if k.startswith("images/")]) == 30
+    assert all(a[k] == b[k] for k in a), [k for k in a if a[k] != b[k]]
+    synth.generate(tmp_path, 20, 5, 5, seed=4, image_size=64, vocab_size=500, workers=1)
+    other = _files(tmp_path)
+    assert other["ic/manifest.jsonl"] != a["ic/manifest.jsonl"]
+    assert other["images/case00000.png"] != a["images/case00000.png"]
+
+
+def test_task_folders_valid_and_splits_disjoint(two_runs):
+    out = two_runs[0]
+    for task in TASKS:
+        records, meta = data.read_manifest(out / task)
+        assert meta["task"] == task
+        by_split = {}
+        for r in records:
+            case = r["id"].split("-")[0]
+            by_split.setdefault(r["split"], set()).add(case)
+            if "image" in r:
+                assert data.resolve_image(out / task, meta, r["image"]).is_file()
+        assert set(by_split) == {"train", "val", "test"}
+        assert not (by_split["train"] & by_split["test"]) and not (by_split["train"] & by_split["val"])
+        assert not (by_split["val"] & by_split["test"])
+    _, vqa_meta = data.read_manifest(out / "vqa")
+    train_val = {r["answer"] for r in data.read_manifest(out / "vqa")[0] if r["split"] != "test"}
+    assert set(vqa_meta["answers"]) == train_val
+    tok = data.Tokenizer.load(out / "tokenizer.json")
+    assert tok.kind == "bpe" and tok.mask_id == 4
+
+
+def test_summary_reports_duplicates_and_chance(two_runs):
+    s = json.loads((two_runs[0] / "summary.json").read_text())
+    assert 0 <= s["duplicate_rate_test_findings"] <= 1
+    assert s["chance"]["retrieval"]["R@1"] == pytest.approx(1 / 5)
+    assert s["chance"]["ic"]["macro_auroc"] == 0.5
+    assert "not unique within test" in (two_runs[0] / "README.md").read_text()
+    assert synth.duplicate_rate(["a", "b", "a", "c"]) == 0.5
+
+
+def test_reports_are_mostly_unique_and_state_the_attributes():
+    findings = []
+    for i in range(300):
+        item = synth.make_case(0, i, 16)
+        c, text = item["case"], item["findings"].lower()
+        findings.append(item["findings"])
+        assert ("pneumothorax" in text) and ("effusion" in text or "costophrenic" in text)
+        if c.cardiomegaly:
+            assert "enlarge" in text or "cardiomegaly" in text
+        if c.device:
+            assert c.device.lower() in text
+        assert all(len(t.split()) >= 3 for t in (item["findings"], item["impression"]))
+    assert synth.duplicate_rate(findings) < 0.05
+
+
+def test_findings_change_the_pixels():
+    """The same anatomy draw with and without each finding differs inside the lungs."""
+    base = synth.sample_case(np.random.default_rng(0))
+    base = dataclasses.replace(base, opacity=None, effusion=None, cardiomegaly=False,
+                               pneumothorax=None, nodules=0, nodule_mm=[], device=None)
+    clean = synth.render(base, 64, np.random.default_rng(1)).astype(float)
+    for change in ({"opacity": "right lower", "opacity_size": "small"},
+                   {"effusion": "left", "effusion_size": "small"}, {"cardiomegaly": True},
+                   {"pneumothorax": "right", "ptx_size": "small"},
+                   {"device": "endotracheal tube"}):
+        img = synth.render(dataclasses.replace(base, **change), 64, np.random.default_rng(1))
+        assert np.abs(img.astype(float) - clean).sum() > 64 * 64 * 0.5, change
+
+
+def test_rouge_l_hand_computed():
+    assert synth.rouge_l("the heart is big", "the heart is normal") == pytest.approx(0.75)
+    assert synth.rouge_l("a b c", "x y") == 0.0
