@@ -192,6 +192,7 @@ def ddp_worker(rank, world_size, port, out_dir):
             results[f"{split}/loss"] = loss
             results.update({f"{split}/grad/{name}": g for name, g in grads.items()})
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
