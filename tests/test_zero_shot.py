@@ -133,7 +133,7 @@ def test_retrieval_uses_the_pairing(bench, model, monkeypatch, shift, expected_r
 def test_static_prompts_count_k(bench):
     root, tok = bench
     static = tiny_model(tok, prompt_mode="static")
-    res = zero_shot_retrieval(static, root / "retrieval", "test", tok, CPU, 64, num_workers=0)
+    res = zero_shot_retrieval(static, root / "retrieval", "val", tok, CPU, 64, num_workers=0)
     assert res["textual_prompts_used"] == static.config.k_textual
     assert res["visual_prompts_used"] == static.config.k_visual
 
@@ -143,8 +143,8 @@ def test_training_flags_restored_and_dropout_off(bench):
     m = tiny_model(tok, text_dropout=0.5, fusion_dropout=0.5).train()
     m.vision.eval()  # a partly frozen model must come back exactly as it was
     before = [mod.training for mod in m.modules()]
-    first = zero_shot_retrieval(m, root / "retrieval", "test", tok, CPU, 32, num_workers=0)
-    second = zero_shot_retrieval(m, root / "retrieval", "test", tok, CPU, 32, num_workers=0)
+    first = zero_shot_retrieval(m, root / "retrieval", "val", tok, CPU, 32, num_workers=0)
+    second = zero_shot_retrieval(m, root / "retrieval", "val", tok, CPU, 32, num_workers=0)
     assert first == second  # dropout 0.5 would change the embeddings between runs
     assert [mod.training for mod in m.modules()] == before
     assert torch.is_grad_enabled()
