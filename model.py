@@ -157,7 +157,7 @@ class Config:
         """
         fields = dataclasses.asdict(PRESETS["base"])
         if vision is not None:
-            fields.update(hf_vision_fields(vision)[0])
+            fields.update(hf_vision_fields(vision))
         if text is not None:
             fields.update(hf_text_fields(text, with_special_ids=True))
         unknown = sorted(set(overrides) - set(fields))
@@ -710,8 +710,7 @@ class PTUnifier(nn.Module):
         parameter must come from the file with the right shape (WeightLoadError otherwise).
         """
         if vision is not None:
-            fields, _ = hf_vision_fields(vision)
-            _check_fields(self.config, fields, vision)
+            _check_fields(self.config, hf_vision_fields(vision), vision)
             state, source = read_safetensors(vision)
             self.vision.load_state_dict(
                 convert_clip_vision(state, _shapes(self.vision), source), strict=True)
@@ -727,7 +726,7 @@ class PTUnifier(nn.Module):
 
 # transformers' defaults for keys a config.json may omit.
 _CLIP_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                             num_attention_heads=12, image_size=224, patch_size=32,
+                             num_attention_heads=12, patch_size=32,
                              hidden_act="quick_gelu", layer_norm_eps=1e-5, num_channels=3)
 _TEXT_DEFAULTS = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                       intermediate_size=3072, hidden_act="gelu", max_position_embeddings=512,
@@ -747,8 +746,9 @@ def _read_json(path: Path) -> dict:
         raise WeightLoadError(f"{path}: invalid JSON ({err})") from err
 
 
-def hf_vision_fields(folder) -> tuple[dict, int]:
-    """Config fields of a CLIP / CLIP-vision folder, and the checkpoint's image size."""
+def hf_vision_fields(folder) -> dict:
+    """Config fields of a CLIP / CLIP-vision folder (the image size is not one: positions are
+    resized on load)."""
     path = Path(folder) / "config.json"
     raw = _read_json(path)
     kind = raw.get("model_type")
@@ -763,7 +763,7 @@ def hf_vision_fields(folder) -> tuple[dict, int]:
                   vision_heads=c["num_attention_heads"], vision_mlp=c["intermediate_size"],
                   patch_size=c["patch_size"], vision_act=c["hidden_act"],
                   vision_ln_eps=c["layer_norm_eps"])
-    return fields, c["image_size"]
+    return fields
 
 
 def hf_text_fields(folder, with_special_ids: bool = False) -> dict:
@@ -826,8 +826,9 @@ def _shapes(module: nn.Module) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
-def _pairs(src: str, dst: str, names=("weight", "bias")) -> dict[str, tuple[str, ...]]:
-    return {f"{dst}.{n}": (f"{src}.{n}",) for n in names}
+def _pairs(src: str, dst: str) -> dict[str, tuple[str, ...]]:
+    """Weight and bias of one module: our key -> (source key,)."""
+    return {f"{dst}.{n}": (f"{src}.{n}",) for n in ("weight", "bias")}
 
 
 def _clip_vision_recipe(layers: int) -> dict[str, tuple[str, ...]]:
