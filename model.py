@@ -192,7 +192,8 @@ PRESETS = {
 def key_padding_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     """mask [B, L] (1 = real) -> bool [B, 1, 1, L] for SDPA (True = attend), or None if all real.
 
-    None lets scaled_dot_product_attention pick its fused kernels.
+    None lets scaled_dot_product_attention pick its fused kernels. The check reads one bool from
+    the device (a sync on GPU), once per text encoding and once per fusion pass.
     """
     if mask is None or bool(mask.all()):
         return None
@@ -412,6 +413,7 @@ class TextEncoder(nn.Module):
         self.pad_token_id, self.bos_token_id, self.eos_token_id = (
             cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id)
         self.roberta_positions = cfg.position_style == "roberta"
+        self.position_offset = cfg.position_offset
         self.word_embeddings = nn.Embedding(cfg.vocab_size, D)
         self.position_embeddings = nn.Embedding(cfg.max_positions, D)
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, D)
@@ -424,16 +426,14 @@ class TextEncoder(nn.Module):
     def position_ids(self, mask: torch.Tensor) -> torch.Tensor:
         """mask [B, L] (1 = real) -> position ids [B, L]."""
         B, L = mask.shape
+        rows = self.position_embeddings.num_embeddings
+        if L + self.position_offset > rows:  # a shape check: no device sync
+            raise ValueError(f"encode_text: texts of {L} tokens need {L + self.position_offset} "
+                             f"position rows, the table has {rows} (Config.max_positions)")
         if self.roberta_positions:
             real = mask.long()
-            positions = real.cumsum(dim=1) * real + self.pad_token_id  # pads stay at pad id
-        else:
-            positions = torch.arange(L, device=mask.device).expand(B, L)
-        if int(positions.max()) >= self.position_embeddings.num_embeddings:
-            raise ValueError(f"encode_text: a text of {L} tokens needs position "
-                             f"{int(positions.max())}, the table has "
-                             f"{self.position_embeddings.num_embeddings} rows (max_positions)")
-        return positions
+            return real.cumsum(dim=1) * real + self.pad_token_id  # [B, L]; pads keep pad id
+        return torch.arange(L, device=mask.device).expand(B, L)  # [B, L]
 
     def embed(self, words: torch.Tensor, mask: torch.Tensor, token_type_ids=None) -> torch.Tensor:
         """Word vectors [B, L, Dt] -> LayerNorm(words + positions + token types) [B, L, Dt]."""

@@ -405,3 +405,23 @@ def test_truncated_safetensors_names_the_file(folders, tmp_path):
     with pytest.raises(WeightLoadError, match=str(cut / "model.safetensors") + ": not a readable"):
         ours(vision=cut)
     json.loads((cut / "config.json").read_text())  # the config itself was fine
+
+
+def test_sharded_checkpoint_and_too_long_texts(folders, tmp_path):
+    paths, live = folders
+    state = load_file(paths["bert"] / "model.safetensors")
+    sharded = copy_folder(paths["bert"], tmp_path / "sharded")
+    keys = sorted(state)
+    shards = {"a.safetensors": keys[::2], "b.safetensors": keys[1::2]}
+    for name, part in shards.items():
+        save_file({k: state[k] for k in part}, sharded / name)
+    index = {"weight_map": {k: name for name, part in shards.items() for k in part}}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    ids, mask = padded_batch(TEXT["vocab_size"], 0, special=(0, 2))
+    with torch.no_grad():
+        expected = live["bert"](input_ids=ids, attention_mask=mask).last_hidden_state
+        model = ours(text=sharded)
+        got = model.encode_text(ids, mask)
+    assert (got[mask.bool()] - expected[mask.bool()]).abs().max().item() <= TOL
+    with pytest.raises(ValueError, match="texts of 33 tokens need 33 position rows"):
+        model.encode_text(torch.zeros(1, 33, dtype=torch.long), torch.ones(1, 33))
