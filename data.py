@@ -262,19 +262,20 @@ def load_image(path) -> Image.Image:
         raise UnreadableImage(f"{path}: cannot decode image ({e})") from None
 
 
-def _random_crop_box(width: int, height: int, scale=(0.8, 1.0), ratio=(3 / 4, 4 / 3)):
+def _random_crop_box(width: int, height: int, gen: torch.Generator | None = None,
+                     scale=(0.8, 1.0), ratio=(3 / 4, 4 / 3)):
     """A random (left, top, w, h) box of area fraction in `scale` and aspect ratio in `ratio`
-    (log-uniform), drawn from torch's global RNG; after 10 misses, the centre crop of the
-    image clamped to `ratio`."""
+    (log-uniform), drawn from `gen` (torch's global RNG when None); after 10 misses, the centre
+    crop of the image clamped to `ratio`."""
     area = width * height
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
-        target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand(()).item())
-        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * torch.rand(()).item())
+        target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand((), generator=gen).item())
+        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * torch.rand((), generator=gen).item())
         w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
-            left = int(torch.randint(0, width - w + 1, ()).item())
-            top = int(torch.randint(0, height - h + 1, ()).item())
+            left = int(torch.randint(0, width - w + 1, (), generator=gen).item())
+            top = int(torch.randint(0, height - h + 1, (), generator=gen).item())
             return left, top, w, h
     w, h = width, height                     # fallback: the centre crop clamped to `ratio`
     if w / h > ratio[1]:
@@ -284,14 +285,15 @@ def _random_crop_box(width: int, height: int, scale=(0.8, 1.0), ratio=(3 / 4, 4 
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def image_to_tensor(im: Image.Image, size: int, train: bool) -> torch.Tensor:
+def image_to_tensor(im: Image.Image, size: int, train: bool,
+                    gen: torch.Generator | None = None) -> torch.Tensor:
     """RGB PIL image -> normalised float tensor [3, size, size].
 
     eval: resize the shorter side to `size` (bicubic) then centre-crop;
     train: random-resized crop (scale 0.8-1.0, ratio 3/4-4/3) resized to size x size.
     """
     if train:
-        left, top, w, h = _random_crop_box(*im.size)
+        left, top, w, h = _random_crop_box(*im.size, gen)
         im = im.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
     else:
         scale = size / min(im.size)
@@ -558,17 +560,21 @@ class Sample:
     label: object = None
     answer_type: str | None = None
     skipped: str | None = None
+    seed: int | None = None  # the sample's random seed (SeededBatches); None: torch's global RNG
 
 
-def _worker_generator(seed: int, cache: dict) -> torch.Generator:
-    """A torch.Generator per process: seeded from `seed` and, inside a DataLoader worker, the
-    worker's own seed, so workers draw different but reproducible masks/negatives."""
-    info = torch.utils.data.get_worker_info()
-    key = None if info is None else info.seed
-    if cache.get("key", "unset") != key:
-        cache["key"] = key
-        cache["gen"] = torch.Generator().manual_seed((seed * 1_000_003 + (key or 0)) % 2**63)
-    return cache["gen"]
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed that is a pure function of `parts` (numpy's SeedSequence hashing)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def _key(key) -> tuple[int, int | None]:
+    """Dataset keys are plain indices (eval) or (index, seed) pairs from SeededBatches (train)."""
+    return (key[0], key[1]) if isinstance(key, tuple) else (key, None)
+
+
+def _generator(seed: int | None) -> torch.Generator | None:
+    return None if seed is None else torch.Generator().manual_seed(seed)
 
 
 class _ImageDataset(torch.utils.data.Dataset):
@@ -584,11 +590,12 @@ class _ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def _image(self, record: dict) -> tuple[torch.Tensor | None, str | None]:
+    def _image(self, record: dict, gen: torch.Generator | None = None
+               ) -> tuple[torch.Tensor | None, str | None]:
         """(tensor, None) or, in train mode, (None, path) for an unreadable image."""
         path = resolve_image(self.folder, self.meta, record["image"])
         try:
-            return image_to_tensor(load_image(path), self.image_size, self.train), None
+            return image_to_tensor(load_image(path), self.image_size, self.train, gen), None
         except UnreadableImage:
             if not self.train:
                 raise
@@ -598,43 +605,46 @@ class _ImageDataset(torch.utils.data.Dataset):
 class PretrainDataset(_ImageDataset):
     """Pre-training pairs: image + one random sentence of its texts per access (pick_sentence)."""
 
-    def __init__(self, folder, split, tokenizer, image_size, max_len, train, seed: int = 0):
+    def __init__(self, folder, split, tokenizer, image_size, max_len, train, seed: int = 0,
+                 mlm_prob: float = 0.15):
         super().__init__(folder, split, tokenizer, image_size, max_len, train)
         if self.meta["task"] != "pretrain":
             raise ManifestError(f"{self.folder / 'meta.json'}: key 'task' is "
                                 f"{self.meta['task']!r}: expected 'pretrain'")
-        self.collate = PretrainCollate(tokenizer, max_len, seed)
+        self.collate = PretrainCollate(tokenizer, max_len, seed, mlm_prob)
 
-    def __getitem__(self, i: int) -> Sample:
+    def __getitem__(self, key) -> Sample:
+        i, seed = _key(key)
         record = self.records[i]
-        image, skipped = self._image(record)
+        image, skipped = self._image(record, _generator(seed))
         if self.train:
-            text = pick_sentence(record["texts"], random.Random(torch.randint(2**62, ()).item()))
+            rng = random.Random(seed if seed is not None else torch.randint(2**62, ()).item())
         else:
-            text = pick_sentence(record["texts"], random.Random(f"{record['id']}"))
-        return Sample(record["id"], image=image, text=text, skipped=skipped)
+            rng = random.Random(f"{record['id']}")
+        text = pick_sentence(record["texts"], rng)
+        return Sample(record["id"], image=image, text=text, skipped=skipped, seed=seed)
 
 
 class PretrainCollate:
     """Samples -> Batch with text input, MLM-masked copy and ITM pairing (picklable)."""
 
-    def __init__(self, tokenizer: Tokenizer, max_len: int, seed: int):
-        self.tokenizer, self.max_len, self.seed, self._cache = tokenizer, max_len, seed, {}
-
-    def __getstate__(self):
-        return {**self.__dict__, "_cache": {}}
+    def __init__(self, tokenizer: Tokenizer, max_len: int, seed: int, mlm_prob: float = 0.15):
+        self.tokenizer, self.max_len, self.seed, self.mlm_prob = tokenizer, max_len, seed, mlm_prob
 
     def __call__(self, samples: list[Sample]) -> Batch:
         kept = [s for s in samples if s.skipped is None]
         batch = Batch(ids=[s.id for s in kept], skipped=[s.skipped for s in samples if s.skipped])
         if not kept:
             return batch
-        gen = _worker_generator(self.seed, self._cache)
+        # Masking and ITM negatives draw from a generator seeded by the batch's samples, so a
+        # batch is the same whichever worker builds it and whether or not the run was resumed.
+        seeds = [s.seed for s in samples]
+        gen = None if None in seeds else torch.Generator().manual_seed(derive_seed(self.seed, *seeds))
         batch.pixel_values = torch.stack([s.image for s in kept])  # (B, 3, H, W)
         batch.input_ids, batch.attention_mask = self.tokenizer.encode(
             [s.text for s in kept], self.max_len)
         batch.mlm_input_ids, batch.mlm_labels = mask_tokens(
-            batch.input_ids, batch.attention_mask, self.tokenizer, gen)
+            batch.input_ids, batch.attention_mask, self.tokenizer, gen, self.mlm_prob)
         batch.itm_image_index, batch.itm_labels = itm_pairs(len(kept), gen)
         return batch
 
@@ -652,10 +662,11 @@ class TaskDataset(_ImageDataset):
         self.answers = self.meta.get("answers")
         self.collate = TaskCollate(self.task, tokenizer, max_len, self.classes, self.answers)
 
-    def __getitem__(self, i: int) -> Sample:
+    def __getitem__(self, key) -> Sample:
+        i, seed = _key(key)
         r = self.records[i]
-        image, skipped = self._image(r) if "image" in r else (None, None)
-        sample = Sample(r["id"], image=image, skipped=skipped)
+        image, skipped = self._image(r, _generator(seed)) if "image" in r else (None, None)
+        sample = Sample(r["id"], image=image, skipped=skipped, seed=seed)
         if self.task == "ic":
             sample.label = r["labels"]
         elif self.task == "tc":
@@ -714,22 +725,60 @@ class TaskCollate:
 
 # ----------------------------------------------------------------------------- loader
 
-def _seed_worker(worker_id: int) -> None:
-    """Seed python and numpy in a DataLoader worker from its torch seed (base_seed + id)."""
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    np.random.seed(seed)
+class SeededBatches(torch.utils.data.Sampler):
+    """Training batches as lists of (index, seed) keys, endless over epochs, for one rank.
+
+    Epoch e's order is a permutation drawn from (seed, e); rank r takes every world-th sample
+    of it (the tail that does not divide evenly is dropped, like the last partial batch). Each
+    sample's seed is derive_seed(seed, e, index), so its crop, its sentence and its batch's
+    masking depend only on (seed, epoch, position): the stream is identical whatever the number
+    of workers, and resuming at (epoch, batch) replays exactly what an uninterrupted run reads.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+                 epoch: int = 0, start_batch: int = 0):
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.epoch, self.start_batch = epoch, start_batch
+        self.batches_per_epoch = n // world // batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{n} training samples cannot fill one batch of {batch_size} "
+                             f"on each of {world} processes")
+
+    def __iter__(self):
+        epoch, start = self.epoch, self.start_batch
+        while True:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(
+                derive_seed(self.seed, epoch)))
+            mine = order[self.rank:(self.n // self.world) * self.world:self.world]  # [n // world]
+            for b in range(start, self.batches_per_epoch):
+                idx = mine[b * self.batch_size:(b + 1) * self.batch_size].tolist()
+                yield [(i, derive_seed(self.seed, epoch, i)) for i in idx]
+            epoch, start = epoch + 1, 0
+
+
+def make_train_stream(dataset, batch_size: int, seed: int, epoch: int = 0, start_batch: int = 0,
+                      num_workers: int = 2):
+    """Endless training DataLoader starting at (epoch, start_batch), sharded over the ranks of
+    an initialised process group (never touching torch.distributed otherwise)."""
+    initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if initialised else (0, 1)
+    sampler = SeededBatches(len(dataset), batch_size, seed, rank, world, epoch, start_batch)
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=dataset.collate, num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed))  # keeps the global RNG (dropout) untouched
 
 
 def make_loader(dataset, batch_size: int, train: bool, seed: int,
                 distributed: bool | None = None, num_workers: int = 2):
-    """DataLoader over `dataset` using its `collate`.
+    """One pass over `dataset` using its `collate` (fine-tuning epochs and evaluation).
 
     distributed=None means "if a torch.distributed process group is initialised": then a
     DistributedSampler (shuffle=train, seed) splits the data; call loader.sampler.set_epoch(e)
     every epoch. In eval it pads each rank to equal length by repeating up to world_size - 1
     samples: de-duplicate by Batch.ids before computing metrics. Train drops the last partial
-    batch. Worker randomness is derived from `seed` (generator + _seed_worker).
+    batch. Shuffling and augmentation draw from `seed` (loader generator, worker seeds).
     """
     initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
     if distributed and not initialised:
@@ -743,4 +792,4 @@ def make_loader(dataset, batch_size: int, train: bool, seed: int,
         dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
         collate_fn=dataset.collate, num_workers=num_workers, drop_last=train,
         pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
-        worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(seed))
+        generator=torch.Generator().manual_seed(seed))

@@ -340,3 +340,28 @@ def test_task_datasets_and_loader(tmp_path, bpe_folder):
         loader = data.make_loader(pre, batch_size=3, train=True, seed=7, num_workers=1)
         runs.append([(x.ids, x.mlm_input_ids, x.itm_image_index) for x in loader])
     assert str(runs[0]) == str(runs[1])                         # seeded workers reproduce
+
+
+def test_seeded_training_stream_resumes_exactly_with_any_worker_count(tmp_path, bpe_folder):
+    """Batches depend only on (seed, epoch, position): a stream started at (epoch, batch) equals
+    the tail of an uninterrupted stream, with 0 or 2 workers, and epochs reshuffle."""
+    _tiny_tasks(tmp_path)
+    tok = data.Tokenizer.load(bpe_folder)
+    pre = data.PretrainDataset(tmp_path / "pretrain", "train", tok, 32, 16, train=True, seed=3)
+
+    def take(n, workers, epoch=0, start=0):
+        stream = iter(data.make_train_stream(pre, 2, seed=5, epoch=epoch, start_batch=start,
+                                             num_workers=workers))
+        return [next(stream) for _ in range(n)]
+
+    per_epoch = len(pre) // 2
+    straight = take(2 * per_epoch + 1, workers=0)
+    resumed = take(per_epoch, workers=2, epoch=1, start=1)
+    for a, b in zip(straight[per_epoch + 1:], resumed):
+        assert a.ids == b.ids
+        assert torch.equal(a.pixel_values, b.pixel_values)
+        assert torch.equal(a.mlm_input_ids, b.mlm_input_ids)
+        assert torch.equal(a.itm_image_index, b.itm_image_index)
+    first, second = straight[:per_epoch], straight[per_epoch:2 * per_epoch]
+    assert sorted(i for b in first for i in b.ids) == sorted(i for b in second for i in b.ids)
+    assert not all(torch.equal(a.pixel_values, b.pixel_values) for a, b in zip(first, second))
