@@ -1,0 +1,175 @@
+"""Pre-training loop: ViT reuse equivalence, exact resume, signals, DDP, prompt gradients, learning."""
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import synth
+import train
+from checkpoint import read_checkpoint
+from data import PretrainDataset, Tokenizer, make_train_stream
+from losses import LossWeights
+from model import PRESETS, PTUnifier
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    synth.main(["--out", str(out), "--train", "64", "--val", "8", "--test", "24", "--image-size", "64"])
+    return out
+
+
+def tiny_model(tokenizer, **overrides):
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(PRESETS["tiny"], vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id,
+                              **overrides)
+    return PTUnifier(cfg)
+
+
+def first_batch(synth_dir, tokenizer, model, n=8):
+    ds = PretrainDataset(synth_dir / "pretrain", "train", tokenizer, model.config.image_size,
+                         model.config.max_text_len, train=True, seed=0)
+    return next(iter(make_train_stream(ds, n, seed=0, num_workers=0)))
+
+
+def run_args(synth_dir, out, *extra):
+    return ["--data", str(synth_dir / "pretrain"), "--out", str(out), "--batch-size", "8", "--workers", "0",
+            "--log-every", "1", "--save-every", "1000", *extra]
+
+
+def test_reuse_step_equals_naive_four_pass_step(synth_dir):
+    """Computing the ViT once and reusing it gives the same losses and gradients as four ViT passes."""
+    tok = Tokenizer.load(synth_dir / "tokenizer.json")
+    model = tiny_model(tok).eval()  # no dropout, so both steps are deterministic
+    batch = first_batch(synth_dir, tok, model)
+    results = []
+    for reuse in (True, False):
+        model.zero_grad()
+        out = train.PretrainStep(model, LossWeights(), reuse_vision=reuse)(batch)
+        out.losses.total.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out.losses, grads))
+    (a, ga), (b, gb) = results
+    for f in ("mlm", "itm", "itc", "total"):
+        torch.testing.assert_close(getattr(a, f), getattr(b, f), rtol=0, atol=1e-6)
+    assert ga.keys() == gb.keys()
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_gradients_reach_exactly_the_selected_prompts(synth_dir):
+    tok = Tokenizer.load(synth_dir / "tokenizer.json")
+    model = tiny_model(tok).eval()
+    batch = first_batch(synth_dir, tok, model)
+    out = train.PretrainStep(model, LossWeights())(batch)
+    out.losses.total.backward()
+    for pool, chosen in ((model.textual_prompts, out.textual_prompts), (model.visual_prompts, out.visual_prompts)):
+        touched = pool.weight.grad.abs().sum(dim=1) > 0           # [P] rows that received gradient
+        expected = torch.zeros_like(touched)
+        expected[chosen.flatten()] = True
+        assert touched.any()
+        assert torch.equal(touched, expected)
+
+
+def test_resume_is_exact(synth_dir, tmp_path, monkeypatch):
+    """N steps straight == K steps, stop (as on SIGTERM), resume, N-K steps: identical parameters."""
+    n, k = 6, 3
+    train.main(run_args(synth_dir, tmp_path / "straight", "--steps", str(n)))
+
+    class StopAfterK(train.StopSignal):
+        checks = 0
+
+        @property
+        def received(self):
+            StopAfterK.checks += 1
+            return "SIGTERM" if StopAfterK.checks >= k else None
+
+        @received.setter
+        def received(self, value):
+            pass
+
+    monkeypatch.setattr(train, "StopSignal", StopAfterK)
+    result = train.train(train.parse_args(run_args(synth_dir, tmp_path / "split", "--steps", str(n))))
+    assert result == dict(stopped=True, step=k)
+    monkeypatch.undo()
+    train.main(run_args(synth_dir, tmp_path / "split", "--steps", str(n), "--resume"))
+
+    meta_a, a = read_checkpoint(tmp_path / "straight" / "checkpoint.safetensors")
+    meta_b, b = read_checkpoint(tmp_path / "split" / "checkpoint.safetensors")
+    assert meta_a["state"]["step"] == meta_b["state"]["step"] == n
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    rows = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, n + 1))
+
+
+def test_sigterm_saves_a_loadable_checkpoint(synth_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"),
+                             *run_args(synth_dir, out, "--steps", "100000")],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stdout
+    assert "stopped by SIGTERM" in stdout
+    meta, tensors = read_checkpoint(out / "checkpoint.safetensors")
+    assert 1 <= meta["state"]["step"] < 100000
+    model = PTUnifier(train.Config(**meta["model_config"]))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
+
+
+def test_two_process_ddp_run(synth_dir, tmp_path):
+    """torchrun with 2 gloo processes trains, agrees on the loss, and rank 0 alone writes the run folder."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--standalone", str(ROOT / "train.py"),
+                           *run_args(synth_dir, out, "--steps", "3")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    meta, _ = read_checkpoint(out / "checkpoint.safetensors")
+    assert meta["state"]["step"] == 3
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+
+
+def test_lr_schedule_warmup_then_linear_decay():
+    total, warmup = 100, 0.1
+    f = [train.lr_factor(s, total, warmup) for s in range(total)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert f[10] == pytest.approx(1.0) and f[55] == pytest.approx(0.5)
+    assert f[99] == pytest.approx(1 / 90)
+    assert all(a <= b for a, b in zip(f[:10], f[1:10]))
+
+
+def test_optimizer_groups_follow_the_paper(synth_dir):
+    """Encoders at lr_encoder, everything else at lr_other; pools and biases are not decayed."""
+    tok = Tokenizer.load(synth_dir / "tokenizer.json")
+    model = tiny_model(tok)
+    cfg = train.TrainConfig(lr_encoder=1e-5, lr_other=5e-5)
+    opt = train.make_optimizer(model, cfg, torch.device("cpu"))
+    group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert len(group_of) == len(named)
+    for name, p in named.items():
+        g = group_of[id(p)]
+        assert g["base_lr"] == (1e-5 if name.startswith(("vision.", "text.")) else 5e-5), name
+        if name.endswith("bias") or "prompts" in name or "norm" in name.lower():
+            assert g["weight_decay"] == 0.0, name
+    assert group_of[id(model.fusion.text_layers[0].fc1.weight)]["weight_decay"] == 0.01

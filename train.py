@@ -1,0 +1,533 @@
+"""Pre-training PTUnifier: MLM + ITM + ITC over prompt-completed inputs (paper section 3.3, Eq. 5-10).
+
+    python train.py                                   # tiny preset, synthetic benchmark, CPU, < 10 min
+    torchrun --nproc_per_node=8 train.py --preset base --data data/pretrain \
+        --vision-init weights/clip-vit-base-patch16 --text-init weights/roberta-base
+
+One optimisation step runs four fusion passes over a batch of B image-text pairs:
+  1. MLM  (Eq. 5): masked text + its image        -> predict the masked tokens from the text stream
+  2. ITM  (Eq. 6): text + its image or another one -> matched or not, from the joint feature
+  3. image-only  : image + textual prompts (Eq. 3-4) -> ITC image embedding
+  4. text-only   : text + visual prompts  (Eq. 3-4) -> ITC text embedding; Eq. 7-10 contrast 3 vs 4
+The ViT has no dropout, so the true images' ViT output is computed once and reused by passes 1-3
+(`PretrainStep.forward`); `reuse_vision=False` gives the naive four-ViT-pass step, kept for the
+equivalence test and `bench.py reuse`.
+
+Everything about a run lives in its folder (--out): config.json (resolved configuration),
+metrics.jsonl (one line per logged step), checkpoint.safetensors (model, optimizer, scaler, step,
+data position and RNG states, written atomically; `--resume` continues exactly from it).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from checkpoint import load_checkpoint, save_checkpoint
+from data import PretrainDataset, SkipTracker, Tokenizer, make_train_stream
+from losses import LossWeights, dist_info, itc_loss, itm_loss, mlm_loss
+from model import PRESETS, Config, PTUnifier
+
+# Training defaults per model preset. The paper's learning rates (1e-5 encoders, 5e-5 the rest) are
+# for pre-trained encoders; the tiny preset trains from scratch on synthetic data and needs more.
+TRAIN_DEFAULTS = {
+    "tiny": dict(steps=600, batch_size=64, lr_encoder=5e-4, lr_other=5e-4, warmup=0.05),
+    "base": dict(steps=100_000, batch_size=256, lr_encoder=1e-5, lr_other=5e-5, warmup=0.1),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a pre-training run besides the architecture (saved in each checkpoint)."""
+    data: str = "data/synth/pretrain"  # task folder with manifest.jsonl + meta.json (task "pretrain")
+    out: str = "runs/pretrain"         # run folder: config.json, metrics.jsonl, checkpoint.safetensors
+    preset: str = "tiny"               # model preset in model.PRESETS
+    tokenizer: str = ""                # tokenizer.json / folder; default: beside the data, or --text-init
+    vision_init: str = ""              # HF CLIP (vision) folder to initialise the ViT from
+    text_init: str = ""                # HF RoBERTa/BERT folder to initialise the text encoder from
+    steps: int = 0                     # optimisation steps (0: the preset's default)
+    batch_size: int = 0                # global batch per optimisation step (0: preset default)
+    micro_batch: int = 0               # per-process batch per forward; accumulation fills the rest
+    lr_encoder: float = 0.0            # ViT and text encoder (0: preset default)
+    lr_other: float = 0.0              # fusion, projections, prompt pools, heads (0: preset default)
+    weight_decay: float = 0.01
+    warmup: float = -1.0               # fraction of steps with linear warm-up (-1: preset default)
+    clip_grad: float = 1.0             # max global gradient norm (0: off)
+    mlm_weight: float = 1.0            # loss weights, official config: MLM 1, ITM 0.5, ITC 0.1
+    itm_weight: float = 0.5
+    itc_weight: float = 0.1
+    mlm_prob: float = 0.15
+    image_size: int = 0                # 0: the preset's
+    max_text_len: int = 0              # 0: the preset's
+    workers: int = 2                   # DataLoader worker processes per rank
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 200              # steps between checkpoints (also saved at the end and on SIGTERM)
+    max_bad_steps: int = 20            # consecutive non-finite losses before the run stops
+    max_bad_images: float = 0.01       # fraction of unreadable images in the split before the run stops
+    eval_batch: int = 128
+    device: str = "auto"               # auto | cpu | cuda
+    compile: bool = False              # torch.compile the step (GPU)
+    resume: bool = False               # continue from out/checkpoint.safetensors
+
+    def resolved(self) -> "TrainConfig":
+        """Fill the preset-dependent zeros with the preset's defaults."""
+        d = TRAIN_DEFAULTS.get(self.preset, TRAIN_DEFAULTS["base"])
+        pick = lambda v, key: v if v else d[key]  # noqa: E731
+        return dataclasses.replace(
+            self, steps=pick(self.steps, "steps"), batch_size=pick(self.batch_size, "batch_size"),
+            lr_encoder=pick(self.lr_encoder, "lr_encoder"), lr_other=pick(self.lr_other, "lr_other"),
+            warmup=self.warmup if self.warmup >= 0 else d["warmup"])
+
+
+@dataclass
+class LossParts:
+    """The three pre-training losses of one step and their weighted sum (Eq. 10)."""
+    mlm: torch.Tensor
+    itm: torch.Tensor
+    itc: torch.Tensor
+    total: torch.Tensor
+
+
+@dataclass
+class StepOutput:
+    losses: LossParts
+    textual_prompts: torch.Tensor  # [B, k_t] textual-pool entries chosen for the image-only pass
+    visual_prompts: torch.Tensor   # [B, k_v] visual-pool entries chosen for the text-only pass
+
+
+class PretrainStep(nn.Module):
+    """The four passes of one pre-training step as one module, so DDP wraps a single forward."""
+
+    def __init__(self, model: PTUnifier, weights: LossWeights, reuse_vision: bool = True):
+        super().__init__()
+        self.model, self.weights, self.reuse_vision = model, weights, reuse_vision
+
+    def vision(self, batch, index=None) -> dict:
+        """Image inputs for a fusion pass: the shared ViT output, or raw pixels for the naive step."""
+        if index is None:
+            index = slice(None)
+        if self.reuse_vision:
+            return dict(image_states=self._states[index], image_query=self._query[index])
+        return dict(pixel_values=batch.pixel_values[index])
+
+    def forward(self, batch) -> StepOutput:
+        m = self.model
+        if self.reuse_vision:  # one ViT pass over the B true images: [B, 1+N, D_v] and query [B, D_v]
+            self._states, self._query = m.encode_image(batch.pixel_values, return_query=True)
+
+        # 1. MLM (Eq. 5): the head runs only on masked positions.
+        out = m(input_ids=batch.mlm_input_ids, attention_mask=batch.attention_mask, **self.vision(batch))
+        masked = batch.mlm_labels != -100                                    # [B, L]
+        l_mlm = mlm_loss(m.mlm_head(out.text[masked]), batch.mlm_labels[masked])
+
+        # 2. ITM (Eq. 6): text i with image itm_image_index[i] (itself, or another image of the batch).
+        out = m(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                **self.vision(batch, batch.itm_image_index))
+        l_itm = itm_loss(m.itm_head(out.joint), batch.itm_labels)
+
+        # 3-4. ITC (Eq. 7-9): image-only pass (textual prompts) against text-only pass (visual prompts).
+        image_only = m(**self.vision(batch))
+        text_only = m(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        l_itc = itc_loss(m.itc_image(image_only.joint), m.itc_text(text_only.joint), m.logit_scale())
+        self._states = self._query = None
+
+        w = self.weights
+        total = w.mlm * l_mlm + w.itm * l_itm + w.itc * l_itc                # Eq. 10
+        return StepOutput(LossParts(l_mlm, l_itm, l_itc, total),
+                          image_only.text_prompt_indices, text_only.image_prompt_indices)
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+def lr_factor(step: int, total: int, warmup: float) -> float:
+    """Linear warm-up over the first `warmup` fraction of steps, then linear decay to 0 (paper 5.3)."""
+    warm = max(1, int(round(warmup * total)))
+    if step < warm:
+        return (step + 1) / warm
+    return max(0.0, (total - step) / max(1, total - warm))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> None:
+    f = lr_factor(step, cfg.steps, cfg.warmup)
+    for g in optimizer.param_groups:
+        g["lr"] = g["base_lr"] * f
+
+
+def make_optimizer(model: PTUnifier, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW (paper 5.3) over the model's groups: encoders at lr_encoder, the rest at lr_other, no
+    decay on biases, norms, embeddings and prompt pools (decay would pull the pool entries that a
+    batch does not select towards zero); `base_lr` is what the schedule scales."""
+    groups = model.param_groups(cfg.lr_encoder, cfg.lr_other, cfg.weight_decay)
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    return torch.optim.AdamW(groups, lr=cfg.lr_other, betas=(0.9, 0.98), eps=1e-8,
+                             fused=device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------- environment
+
+@dataclass
+class Runtime:
+    """Where this process runs: device, rank, world size, and the autocast / scaler choice."""
+    device: torch.device
+    rank: int
+    world: int
+    local_rank: int
+    amp_dtype: torch.dtype | None  # bf16 or fp16 autocast on CUDA, None (fp32) on CPU
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def setup_runtime(device: str = "auto") -> Runtime:
+    """Detect torchrun from its environment variables; NCCL on CUDA, gloo on CPU."""
+    want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if world > 1:
+        dist.init_process_group("nccl" if want_cuda else "gloo")
+    if want_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+        amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        dev, amp = torch.device("cpu"), None
+    return Runtime(dev, rank, world, local_rank, amp)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def seed_step(seed: int, rank: int, step: int) -> None:
+    """The random state of a step (dropout) is a function of (seed, rank, step): ranks differ, and a
+    resumed run draws exactly what the uninterrupted run drew, with no RNG state to carry."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0]))
+
+
+def print0(rt: Runtime, *args) -> None:
+    if rt.master:
+        print(*args, flush=True)
+
+
+class StopSignal:
+    """Turns SIGTERM/SIGINT into a flag checked between steps, so the run saves and exits cleanly."""
+
+    def __init__(self):
+        self.received = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+
+def any_rank(flags: list[bool], rt: Runtime) -> list[bool]:
+    """OR of per-rank flags, so every rank takes the same decision (skip a step, stop the run)."""
+    t = torch.tensor([float(f) for f in flags], device=rt.device)
+    if rt.world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+# ----------------------------------------------------------------------------- building a run
+
+def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> PTUnifier:
+    """The model config: preset, encoder shapes from HF folders if given, vocabulary from the tokenizer."""
+    overrides = dict(vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id)
+    if cfg.image_size:
+        overrides["image_size"] = cfg.image_size
+    if cfg.max_text_len:
+        overrides["max_text_len"] = cfg.max_text_len
+    if cfg.vision_init or cfg.text_init:
+        mcfg = Config.from_hf(vision=cfg.vision_init or None, text=cfg.text_init or None,
+                              **{**dataclasses.asdict(PRESETS[cfg.preset]), **overrides})
+    else:
+        mcfg = dataclasses.replace(PRESETS[cfg.preset], **overrides)
+    model = PTUnifier(mcfg)
+    if cfg.vision_init or cfg.text_init:
+        model.load_hf_encoders(vision=cfg.vision_init or None, text=cfg.text_init or None)
+    return model
+
+
+def find_tokenizer(cfg: TrainConfig) -> Path:
+    """--tokenizer, else the text encoder's folder, else tokenizer.json beside the data."""
+    if cfg.tokenizer:
+        return Path(cfg.tokenizer)
+    if cfg.text_init:
+        return Path(cfg.text_init)
+    for folder in (Path(cfg.data), Path(cfg.data).parent):
+        if (folder / "tokenizer.json").exists():
+            return folder / "tokenizer.json"
+    raise SystemExit(f"no tokenizer found for {cfg.data}: pass --tokenizer or --text-init")
+
+
+def ensure_synthetic(cfg: TrainConfig, rt: Runtime) -> None:
+    """The default run creates the synthetic benchmark when it is missing (rank 0 only)."""
+    default = TrainConfig().data
+    if cfg.data != default or (Path(cfg.data) / "manifest.jsonl").exists():
+        return
+    if rt.master:
+        import synth
+        print0(rt, f"creating the synthetic benchmark in {Path(default).parent} ...")
+        synth.main(["--out", str(Path(default).parent)])
+    if rt.world > 1:
+        dist.barrier()
+
+
+def parse_args(argv=None) -> TrainConfig:
+    """A flat CLI generated from TrainConfig: every field is a flag; unknown flags are an error."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    helps = {
+        "micro_batch": "per-process batch per forward; lower it (32, 16, 8) if you run out of memory",
+        "workers": "DataLoader workers per process; 0 loads in the main process",
+        "resume": "continue exactly from OUT/checkpoint.safetensors",
+        "compile": "torch.compile the model (CUDA; slow to start, faster steps)",
+    }
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            p.add_argument(flag, action="store_true", help=helps.get(f.name))
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type]
+            p.add_argument(flag, type=kind, default=f.default, help=helps.get(f.name, " "))
+    return TrainConfig(**vars(p.parse_args(argv)))
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def train(cfg: TrainConfig) -> dict:
+    rt = setup_runtime(cfg.device)
+    cfg = cfg.resolved()
+    out = Path(cfg.out)
+    ensure_synthetic(cfg, rt)
+    seed_everything(cfg.seed)  # the same initial weights on every rank
+
+    tokenizer = Tokenizer.load(find_tokenizer(cfg))
+    model = build_model(cfg, tokenizer).to(rt.device)
+    mcfg = model.config
+    micro = cfg.micro_batch or cfg.batch_size // rt.world
+    accum = cfg.batch_size // (micro * rt.world)
+    if accum < 1 or accum * micro * rt.world != cfg.batch_size:
+        raise SystemExit(f"--batch-size {cfg.batch_size} must be a multiple of micro batch {micro} "
+                         f"x {rt.world} processes")
+
+    dataset = PretrainDataset(cfg.data, "train", tokenizer, mcfg.image_size, mcfg.max_text_len,
+                              train=True, mlm_prob=cfg.mlm_prob, seed=cfg.seed)
+    optimizer = make_optimizer(model, cfg, rt.device)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
+    step_module = PretrainStep(model, LossWeights(cfg.mlm_weight, cfg.itm_weight, cfg.itc_weight))
+    runner = step_module
+    if rt.world > 1:
+        runner = DistributedDataParallel(step_module, device_ids=[rt.local_rank] if rt.device.type == "cuda"
+                                         else None, gradient_as_bucket_view=True, bucket_cap_mb=100)
+    if cfg.compile:
+        runner = torch.compile(runner)
+
+    state = dict(step=0, epoch=0, batch_in_epoch=0, bad_steps=0, skipped_steps=0)
+    if cfg.resume:
+        state = load_checkpoint(out / "checkpoint.safetensors", model, optimizer, scaler, expect_train=cfg)
+    if rt.master:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(
+            dict(train=dataclasses.asdict(cfg), model=dataclasses.asdict(mcfg), world_size=rt.world,
+                 micro_batch=micro, grad_accum=accum), indent=2))
+        print0(rt, f"model {cfg.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
+                   f"{len(dataset)} training pairs; global batch {cfg.batch_size} = {rt.world} x {micro} "
+                   f"x {accum} accumulation; {cfg.steps} steps on {rt.device}")
+
+    stop = StopSignal()
+    usage = PromptUsage(mcfg.pool_size, rt.device)
+    bad_images = BadImageCounter(len(dataset), cfg.max_bad_images)
+    log = open(out / "metrics.jsonl", "a") if rt.master else None
+    bar = tqdm(total=cfg.steps, initial=state["step"], disable=not rt.master, dynamic_ncols=True)
+    batches = micro_batches(dataset, micro, cfg, state)
+    t_last, samples_since = time.perf_counter(), 0
+    model.train()
+    while state["step"] < cfg.steps:
+        set_lr(optimizer, state["step"], cfg)
+        seed_step(cfg.seed, rt.rank, state["step"])
+        parts_sum, n_samples = None, 0
+        for i in range(accum):
+            batch = next(batches).to(rt.device, non_blocking=True)
+            bad_images.add(batch.skipped)
+            sync = i == accum - 1 or rt.world == 1
+            with (runner.no_sync() if not sync and rt.world > 1 else nullcontext()), \
+                    torch.autocast(rt.device.type, dtype=rt.amp_dtype, enabled=rt.amp_dtype is not None):
+                step_out = runner(batch)
+            parts = step_out.losses
+            scaler.scale(parts.total / accum).backward()
+            parts_sum = add_parts(parts_sum, parts, accum)
+            usage.add(step_out)
+            n_samples += len(batch.ids)
+        bad, stopping = any_rank([not torch.isfinite(parts_sum.total).item(), stop.received is not None], rt)
+        if bad:
+            optimizer.zero_grad(set_to_none=True)
+            state["bad_steps"] += 1
+            state["skipped_steps"] += 1
+            if state["bad_steps"] >= cfg.max_bad_steps:
+                _save(out, model, optimizer, scaler, state, mcfg, cfg, rt)
+                raise SystemExit(f"{state['bad_steps']} consecutive steps had a non-finite loss (last at step "
+                                 f"{state['step']}); the parameters from before the first one are saved in "
+                                 f"{out / 'checkpoint.safetensors'}. Lower the learning rate or check the data.")
+        else:
+            state["bad_steps"] = 0
+            scaler.unscale_(optimizer)
+            if cfg.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        samples_since += n_samples * rt.world
+        bar.update(1)
+        if state["step"] % cfg.log_every == 0 or state["step"] == cfg.steps:
+            now = time.perf_counter()
+            row = dict(step=state["step"], loss=parts_sum.total.item(), mlm=parts_sum.mlm.item(),
+                       itm=parts_sum.itm.item(), itc=parts_sum.itc.item(),
+                       lr=optimizer.param_groups[-1]["lr"], samples_per_s=samples_since / (now - t_last),
+                       skipped_steps=state["skipped_steps"])
+            t_last, samples_since = now, 0
+            bar.set_postfix(loss=f"{row['loss']:.3f}", mlm=f"{row['mlm']:.2f}", itm=f"{row['itm']:.2f}",
+                            itc=f"{row['itc']:.2f}", sps=f"{row['samples_per_s']:.0f}")
+            if log:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+        if stopping:
+            _save(out, model, optimizer, scaler, state, mcfg, cfg, rt)
+            bar.close()
+            print0(rt, f"stopped by {stop.received or 'a signal on another rank'} at step {state['step']}; "
+                       f"checkpoint saved; continue with --resume")
+            cleanup(rt)
+            return dict(stopped=True, step=state["step"])
+        if state["step"] % cfg.save_every == 0 or state["step"] == cfg.steps:
+            _save(out, model, optimizer, scaler, state, mcfg, cfg, rt)
+    bar.close()
+    print0(rt, bad_images.report())
+
+    result = dict(step=state["step"], skipped_steps=state["skipped_steps"], **usage.summary())
+    print0(rt, "prompts selected at least once during training (this process, this session): "
+               f"{result['train_textual_prompts_used']} textual and {result['train_visual_prompts_used']} "
+               f"visual of {mcfg.pool_size} each")
+    if rt.master:
+        result.update(final_evaluation(model, tokenizer, cfg, rt))
+        (out / "result.json").write_text(json.dumps(result, indent=2))
+    cleanup(rt)
+    return result
+
+
+def add_parts(acc: LossParts | None, parts: LossParts, accum: int) -> LossParts:
+    """Running mean of the detached loss parts over the micro-batches of one step."""
+    d = {f.name: getattr(parts, f.name).detach() / accum for f in dataclasses.fields(LossParts)}
+    if acc is not None:
+        d = {k: v + getattr(acc, k) for k, v in d.items()}
+    return LossParts(**d)
+
+
+def micro_batches(dataset, micro: int, cfg: TrainConfig, state: dict):
+    """Endless stream of micro-batches from the saved data position; it keeps state["epoch"] and
+    state["batch_in_epoch"] current, which is all a checkpoint needs to replay the stream exactly
+    (data.SeededBatches)."""
+    loader = make_train_stream(dataset, micro, cfg.seed, state["epoch"], state["batch_in_epoch"],
+                               cfg.workers)
+    per_epoch = loader.batch_sampler.batches_per_epoch
+    for batch in loader:
+        state["batch_in_epoch"] += 1
+        if state["batch_in_epoch"] == per_epoch:
+            state["epoch"], state["batch_in_epoch"] = state["epoch"] + 1, 0
+        yield batch
+
+
+class PromptUsage:
+    """How often each pool entry is selected, counted on the device (no host sync per step)."""
+
+    def __init__(self, pool_size: int, device: torch.device):
+        self.textual = torch.zeros(pool_size, dtype=torch.long, device=device)
+        self.visual = torch.zeros(pool_size, dtype=torch.long, device=device)
+
+    def add(self, out: StepOutput) -> None:
+        self.textual += torch.bincount(out.textual_prompts.flatten(), minlength=len(self.textual))
+        self.visual += torch.bincount(out.visual_prompts.flatten(), minlength=len(self.visual))
+
+    def summary(self) -> dict:
+        return dict(train_textual_prompts_used=int((self.textual > 0).sum()),
+                    train_visual_prompts_used=int((self.visual > 0).sum()))
+
+
+class BadImageCounter:
+    """Counts unreadable training images (reported by the collate function) and stops the run when
+    more than `max_fraction` of the split is unreadable."""
+
+    def __init__(self, split_size: int, max_fraction: float):
+        self.paths: set[str] = set()
+        self.limit = max_fraction * split_size
+
+    def add(self, paths: list[str]) -> None:
+        self.paths.update(paths)
+        if len(self.paths) > self.limit:
+            raise SystemExit(f"{len(self.paths)} unreadable images (more than the allowed fraction); "
+                             f"first ones: {sorted(self.paths)[:5]}")
+
+    def report(self) -> str:
+        if not self.paths:
+            return "all training images were readable"
+        return f"{len(self.paths)} unreadable training images skipped: " + ", ".join(sorted(self.paths)[:20])
+
+
+def _save(out, model, optimizer, scaler, state, mcfg, cfg, rt) -> None:
+    if rt.master:
+        save_checkpoint(out / "checkpoint.safetensors", model, optimizer, scaler, state, mcfg, cfg)
+    if rt.world > 1:
+        dist.barrier()
+
+
+def final_evaluation(model: PTUnifier, tokenizer: Tokenizer, cfg: TrainConfig, rt: Runtime) -> dict:
+    """Zero-shot retrieval on the test split by ITC similarity, and prompt-pool usage."""
+    from evaluate import zero_shot_retrieval
+    folder = Path(cfg.data).parent / "retrieval"
+    if not (folder / "manifest.jsonl").exists():
+        return {}
+    res = zero_shot_retrieval(model, folder, "test", tokenizer, rt.device, cfg.eval_batch)
+    print0(rt, "zero-shot retrieval on {n} test pairs (chance R@1 = {c:.2%}):".format(
+        n=res["n"], c=1 / res["n"]))
+    for direction in ("i2t", "t2i"):
+        print0(rt, "  {}: R@1 {:.2%}  R@5 {:.2%}  R@10 {:.2%}".format(
+            direction, *(res[f"{direction}_r{k}"] for k in (1, 5, 10))))
+    print0(rt, "prompt-pool usage: {} of {} textual prompts and {} of {} visual prompts selected".format(
+        res["textual_prompts_used"], model.config.pool_size, res["visual_prompts_used"], model.config.pool_size))
+    return res
+
+
+def cleanup(rt: Runtime) -> None:
+    if rt.world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def main(argv=None) -> None:
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
