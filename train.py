@@ -74,7 +74,7 @@ class TrainConfig:
     mlm_prob: float = 0.15
     image_size: int = 0                # 0: the preset's
     max_text_len: int = 0              # 0: the preset's
-    workers: int = 2                   # DataLoader worker processes per rank
+    workers: int = -1                  # DataLoader workers per rank (-1: 1 on CPU, 8 on CUDA)
     seed: int = 0
     log_every: int = 10
     save_every: int = 200              # steps between checkpoints (also saved at the end and on SIGTERM)
@@ -328,6 +328,8 @@ def train(cfg: TrainConfig) -> dict:
     tokenizer = Tokenizer.load(find_tokenizer(cfg))
     model = build_model(cfg, tokenizer).to(rt.device)
     mcfg = model.config
+    if cfg.workers < 0:
+        cfg = dataclasses.replace(cfg, workers=8 if rt.device.type == "cuda" else 1)
     micro = cfg.micro_batch or cfg.batch_size // rt.world
     accum = cfg.batch_size // (micro * rt.world)
     if accum < 1 or accum * micro * rt.world != cfg.batch_size:
