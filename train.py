@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from checkpoint import load_checkpoint, save_checkpoint
 from data import PretrainDataset, SkipTracker, Tokenizer, make_train_stream
-from losses import LossWeights, dist_info, itc_loss, itm_loss, mlm_loss
+from losses import LossParts, LossWeights, itc_loss, itm_loss, mlm_loss, total_loss
 from model import PRESETS, Config, PTUnifier
 
 # Training defaults per model preset. The paper's learning rates (1e-5 encoders, 5e-5 the rest) are
@@ -96,17 +96,11 @@ class TrainConfig:
 
 
 @dataclass
-class LossParts:
-    """The three pre-training losses of one step and their weighted sum (Eq. 10)."""
-    mlm: torch.Tensor
-    itm: torch.Tensor
-    itc: torch.Tensor
-    total: torch.Tensor
-
-
-@dataclass
 class StepOutput:
+    """What one pre-training step returns: the three losses, their weighted sum (Eq. 10), and the
+    prompts chosen (for usage statistics and the gradient test)."""
     losses: LossParts
+    total: torch.Tensor
     textual_prompts: torch.Tensor  # [B, k_t] textual-pool entries chosen for the image-only pass
     visual_prompts: torch.Tensor   # [B, k_v] visual-pool entries chosen for the text-only pass
 
@@ -118,38 +112,35 @@ class PretrainStep(nn.Module):
         super().__init__()
         self.model, self.weights, self.reuse_vision = model, weights, reuse_vision
 
-    def vision(self, batch, index=None) -> dict:
-        """Image inputs for a fusion pass: the shared ViT output, or raw pixels for the naive step."""
-        if index is None:
-            index = slice(None)
-        if self.reuse_vision:
-            return dict(image_states=self._states[index], image_query=self._query[index])
-        return dict(pixel_values=batch.pixel_values[index])
-
     def forward(self, batch) -> StepOutput:
         m = self.model
         if self.reuse_vision:  # one ViT pass over the B true images: [B, 1+N, D_v] and query [B, D_v]
-            self._states, self._query = m.encode_image(batch.pixel_values, return_query=True)
+            states, query = m.encode_image(batch.pixel_values, return_query=True)
 
-        # 1. MLM (Eq. 5): the head runs only on masked positions.
-        out = m(input_ids=batch.mlm_input_ids, attention_mask=batch.attention_mask, **self.vision(batch))
+        def image(rows=slice(None)) -> dict:
+            """Image inputs of a fusion pass: rows of the shared ViT output, or (naive step) the
+            raw pixels, so that every pass runs the ViT again."""
+            if self.reuse_vision:
+                return dict(image_states=states[rows], image_query=query[rows])
+            return dict(pixel_values=batch.pixel_values[rows])
+
+        # 1. MLM (Eq. 5): masked text + its image; the head runs only on masked positions.
+        out = m(input_ids=batch.mlm_input_ids, attention_mask=batch.attention_mask, **image())
         masked = batch.mlm_labels != -100                                    # [B, L]
         l_mlm = mlm_loss(m.mlm_head(out.text[masked]), batch.mlm_labels[masked])
 
         # 2. ITM (Eq. 6): text i with image itm_image_index[i] (itself, or another image of the batch).
         out = m(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                **self.vision(batch, batch.itm_image_index))
+                **image(batch.itm_image_index))
         l_itm = itm_loss(m.itm_head(out.joint), batch.itm_labels)
 
         # 3-4. ITC (Eq. 7-9): image-only pass (textual prompts) against text-only pass (visual prompts).
-        image_only = m(**self.vision(batch))
+        image_only = m(**image())
         text_only = m(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         l_itc = itc_loss(m.itc_image(image_only.joint), m.itc_text(text_only.joint), m.logit_scale())
-        self._states = self._query = None
 
-        w = self.weights
-        total = w.mlm * l_mlm + w.itm * l_itm + w.itc * l_itc                # Eq. 10
-        return StepOutput(LossParts(l_mlm, l_itm, l_itc, total),
+        parts = LossParts(l_mlm, l_itm, l_itc)
+        return StepOutput(parts, total_loss(parts, self.weights),                # Eq. 10
                           image_only.text_prompt_indices, text_only.image_prompt_indices)
 
 
@@ -362,7 +353,7 @@ def train(cfg: TrainConfig) -> dict:
 
     stop = StopSignal()
     usage = PromptUsage(mcfg.pool_size, rt.device)
-    bad_images = BadImageCounter(len(dataset), cfg.max_bad_images)
+    bad_images = SkipTracker(len(dataset) // rt.world, cfg.max_bad_images, "train")  # this rank's shard
     log = open(out / "metrics.jsonl", "a") if rt.master else None
     bar = tqdm(total=cfg.steps, initial=state["step"], disable=not rt.master, dynamic_ncols=True)
     batches = micro_batches(dataset, micro, cfg, state)
@@ -371,20 +362,19 @@ def train(cfg: TrainConfig) -> dict:
     while state["step"] < cfg.steps:
         set_lr(optimizer, state["step"], cfg)
         seed_step(cfg.seed, rt.rank, state["step"])
-        parts_sum, n_samples = None, 0
+        running, n_samples = None, 0
         for i in range(accum):
             batch = next(batches).to(rt.device, non_blocking=True)
-            bad_images.add(batch.skipped)
+            bad_images.update(batch)
             sync = i == accum - 1 or rt.world == 1
             with (runner.no_sync() if not sync and rt.world > 1 else nullcontext()), \
                     torch.autocast(rt.device.type, dtype=rt.amp_dtype, enabled=rt.amp_dtype is not None):
                 step_out = runner(batch)
-            parts = step_out.losses
-            scaler.scale(parts.total / accum).backward()
-            parts_sum = add_parts(parts_sum, parts, accum)
+            scaler.scale(step_out.total / accum).backward()
+            running = step_mean(running, step_out, accum)
             usage.add(step_out)
             n_samples += len(batch.ids)
-        bad, stopping = any_rank([not torch.isfinite(parts_sum.total).item(), stop.received is not None], rt)
+        bad, stopping = any_rank([not torch.isfinite(running['loss']).item(), stop.received is not None], rt)
         if bad:
             optimizer.zero_grad(set_to_none=True)
             state["bad_steps"] += 1
@@ -407,8 +397,7 @@ def train(cfg: TrainConfig) -> dict:
         bar.update(1)
         if state["step"] % cfg.log_every == 0 or state["step"] == cfg.steps:
             now = time.perf_counter()
-            row = dict(step=state["step"], loss=parts_sum.total.item(), mlm=parts_sum.mlm.item(),
-                       itm=parts_sum.itm.item(), itc=parts_sum.itc.item(),
+            row = dict(step=state["step"], **{k: v.item() for k, v in running.items()},
                        lr=optimizer.param_groups[-1]["lr"], samples_per_s=samples_since / (now - t_last),
                        skipped_steps=state["skipped_steps"])
             t_last, samples_since = now, 0
@@ -427,7 +416,8 @@ def train(cfg: TrainConfig) -> dict:
         if state["step"] % cfg.save_every == 0 or state["step"] == cfg.steps:
             _save(out, model, optimizer, scaler, state, mcfg, cfg, rt)
     bar.close()
-    print0(rt, bad_images.report())
+    if rt.master or bad_images.paths:  # each rank reads (and reports) its own shard
+        print(f"[rank {rt.rank}] " * (rt.world > 1) + skipped_report(bad_images), flush=True)
 
     result = dict(step=state["step"], skipped_steps=state["skipped_steps"], **usage.summary())
     print0(rt, "prompts selected at least once during training (this process, this session): "
@@ -440,12 +430,11 @@ def train(cfg: TrainConfig) -> dict:
     return result
 
 
-def add_parts(acc: LossParts | None, parts: LossParts, accum: int) -> LossParts:
-    """Running mean of the detached loss parts over the micro-batches of one step."""
-    d = {f.name: getattr(parts, f.name).detach() / accum for f in dataclasses.fields(LossParts)}
-    if acc is not None:
-        d = {k: v + getattr(acc, k) for k, v in d.items()}
-    return LossParts(**d)
+def step_mean(acc: dict | None, out: StepOutput, accum: int) -> dict[str, torch.Tensor]:
+    """Running mean of the detached losses over the micro-batches of one step (no host sync)."""
+    d = dict(loss=out.total, mlm=out.losses.mlm, itm=out.losses.itm, itc=out.losses.itc)
+    d = {k: v.detach() / accum for k, v in d.items()}
+    return d if acc is None else {k: v + acc[k] for k, v in d.items()}
 
 
 def micro_batches(dataset, micro: int, cfg: TrainConfig, state: dict):
@@ -478,24 +467,11 @@ class PromptUsage:
                     train_visual_prompts_used=int((self.visual > 0).sum()))
 
 
-class BadImageCounter:
-    """Counts unreadable training images (reported by the collate function) and stops the run when
-    more than `max_fraction` of the split is unreadable."""
-
-    def __init__(self, split_size: int, max_fraction: float):
-        self.paths: set[str] = set()
-        self.limit = max_fraction * split_size
-
-    def add(self, paths: list[str]) -> None:
-        self.paths.update(paths)
-        if len(self.paths) > self.limit:
-            raise SystemExit(f"{len(self.paths)} unreadable images (more than the allowed fraction); "
-                             f"first ones: {sorted(self.paths)[:5]}")
-
-    def report(self) -> str:
-        if not self.paths:
-            return "all training images were readable"
-        return f"{len(self.paths)} unreadable training images skipped: " + ", ".join(sorted(self.paths)[:20])
+def skipped_report(tracker: SkipTracker) -> str:
+    """End-of-run line naming the unreadable training images that were skipped."""
+    if not tracker.paths:
+        return "all training images were readable"
+    return f"{len(tracker.paths)} unreadable training images skipped: " + ", ".join(sorted(tracker.paths)[:20])
 
 
 def _save(out, model, optimizer, scaler, state, mcfg, cfg, rt) -> None:

@@ -55,12 +55,13 @@ def test_reuse_step_equals_naive_four_pass_step(synth_dir):
     for reuse in (True, False):
         model.zero_grad()
         out = train.PretrainStep(model, LossWeights(), reuse_vision=reuse)(batch)
-        out.losses.total.backward()
+        out.total.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        results.append((out.losses, grads))
+        results.append((out, grads))
     (a, ga), (b, gb) = results
-    for f in ("mlm", "itm", "itc", "total"):
-        torch.testing.assert_close(getattr(a, f), getattr(b, f), rtol=0, atol=1e-6)
+    torch.testing.assert_close(a.total, b.total, rtol=0, atol=1e-6)
+    for f in ("mlm", "itm", "itc"):
+        torch.testing.assert_close(getattr(a.losses, f), getattr(b.losses, f), rtol=0, atol=1e-6)
     assert ga.keys() == gb.keys()
     for n in ga:
         torch.testing.assert_close(ga[n], gb[n], rtol=1e-5, atol=1e-6, msg=n)
@@ -71,7 +72,7 @@ def test_gradients_reach_exactly_the_selected_prompts(synth_dir):
     model = tiny_model(tok).eval()
     batch = first_batch(synth_dir, tok, model)
     out = train.PretrainStep(model, LossWeights())(batch)
-    out.losses.total.backward()
+    out.total.backward()
     for pool, chosen in ((model.textual_prompts, out.textual_prompts), (model.visual_prompts, out.visual_prompts)):
         touched = pool.weight.grad.abs().sum(dim=1) > 0           # [P] rows that received gradient
         expected = torch.zeros_like(touched)
@@ -81,8 +82,13 @@ def test_gradients_reach_exactly_the_selected_prompts(synth_dir):
 
 
 def test_resume_is_exact(synth_dir, tmp_path, monkeypatch):
-    """N steps straight == K steps, stop (as on SIGTERM), resume, N-K steps: identical parameters."""
+    """N steps straight == K steps, stop (as on SIGTERM), resume, N-K steps: identical parameters.
+
+    One intra-op thread: with several, CPU kernels may split reductions differently from run to run,
+    which changes the last bits (about 1e-9) whether or not a run was resumed."""
     n, k = 6, 3
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     train.main(run_args(synth_dir, tmp_path / "straight", "--steps", str(n)))
 
     class StopAfterK(train.StopSignal):
@@ -111,6 +117,7 @@ def test_resume_is_exact(synth_dir, tmp_path, monkeypatch):
         assert torch.equal(a[name], b[name]), name
     rows = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, n + 1))
+    torch.set_num_threads(threads)
 
 
 def test_sigterm_saves_a_loadable_checkpoint(synth_dir, tmp_path):
