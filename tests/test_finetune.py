@@ -1,0 +1,186 @@
+"""Fine-tuning: task heads and losses against hand computations, short runs end to end, best-epoch
+selection on val only, test evaluated once on the best checkpoint, VQA out-of-vocabulary answers,
+and clear errors for label-count and vocabulary mismatches."""
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import finetune as ft
+import synth
+from checkpoint import CheckpointError, save_checkpoint
+from data import TaskDataset, Tokenizer, make_loader, read_manifest, write_manifest
+from losses import itc_loss
+from model import PRESETS, PTUnifier
+from train import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """A tiny synthetic benchmark, its tokenizer and an (untrained) tiny pre-training checkpoint."""
+    root = tmp_path_factory.mktemp("synth")
+    synth.main(["--out", str(root), "--train", "24", "--val", "12", "--test", "16",
+                "--image-size", "64", "--vocab-size", "600", "--workers", "1"])
+    tok = Tokenizer.load(root / "tokenizer.json")
+    model = tiny_backbone(tok)
+    save_checkpoint(root / "pre.safetensors", model, None, None, {"step": 0}, model.config,
+                    TrainConfig(preset="tiny"))
+    return root, tok
+
+
+def tiny_backbone(tok, **overrides) -> PTUnifier:
+    torch.manual_seed(0)
+    fields = dict(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, **overrides)
+    return PTUnifier(dataclasses.replace(PRESETS["tiny"], **fields))
+
+
+def first_batch(root, tok, task, n=6):
+    ds = TaskDataset(root / task, "train", tok, 64, 40, train=False)
+    return next(iter(make_loader(ds, n, train=False, seed=0, distributed=False, num_workers=0)))
+
+
+def run_cfg(root, task, out, **kw) -> ft.FinetuneConfig:
+    base = dict(task=task, data=str(root / task), init=str(root / "pre.safetensors"), out=str(out),
+                epochs=1, batch_size=8, max_steps_per_epoch=1, eval_batch=32, workers=0)
+    return ft.FinetuneConfig(**{**base, **kw})
+
+
+# ----------------------------------------------------------------------------- heads and losses
+
+
+@pytest.mark.parametrize("task", ["ic", "tc", "vqa", "retrieval"])
+def test_head_loss_and_input_kind(bench, task):
+    root, tok = bench
+    meta = json.loads((root / task / "meta.json").read_text())
+    spec = ft.TASKS[task]
+    n = len(meta[spec.outputs]) if spec.outputs else 0
+    model = ft.FinetuneModel(tiny_backbone(tok), spec, n).eval()
+    batch = first_batch(root, tok, task)
+    with torch.no_grad():
+        outputs, loss = model.outputs(batch), model(batch)
+        if task == "retrieval":
+            image_emb, text_emb, scale = outputs
+            assert image_emb.shape == text_emb.shape == (6, model.backbone.config.embed_dim)
+            torch.testing.assert_close(loss, itc_loss(image_emb, text_emb, scale))
+            return
+        assert outputs.shape == (6, n)
+        fused = model.backbone(**ft.INPUTS[spec.inputs](batch))
+        torch.testing.assert_close(outputs, model.head(fused.joint))  # the head reads the joint 2H
+    y = batch.labels
+    if task == "tc":  # the encoded pair, visual prompts for the image
+        assert fused.image_prompt_indices is not None and fused.text_prompt_indices is None
+        expected = -torch.log_softmax(outputs, 1)[torch.arange(6), y].mean()
+    else:
+        p = torch.sigmoid(outputs)
+        bce = -(y * torch.log(p) + (1 - y) * torch.log(1 - p))  # [B, n]
+        expected = bce.mean() if task == "ic" else bce.sum(1).mean()
+        if task == "ic":  # image + textual prompts
+            assert fused.text_prompt_indices is not None and fused.image_prompt_indices is None
+        else:  # image + question: nothing prompted
+            assert fused.text_prompt_indices is None and fused.image_prompt_indices is None
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_param_groups_backbone_and_task_rates(bench):
+    root, tok = bench
+    model = ft.FinetuneModel(tiny_backbone(tok), ft.TASKS["ic"], 6)
+    cfg = ft.FinetuneConfig(task="ic", lr_backbone=1e-6, lr_task=1e-3, weight_decay=0.05)
+    groups = {g["name"]: g for g in ft.param_groups(model, cfg)}
+    head = {id(p) for p in model.head.parameters()}
+    assert {id(p) for n in ("task_decay", "task_no_decay") for p in groups[n]["params"]} == head
+    assert groups["task_decay"]["lr"] == 1e-3 and groups["backbone_decay"]["lr"] == 1e-6
+    assert groups["backbone_no_decay"]["weight_decay"] == 0.0 and groups["task_decay"]["weight_decay"] == 0.05
+    assert id(model.head.fc1.bias) in {id(p) for p in groups["task_no_decay"]["params"]}
+    total = sum(len(g["params"]) for g in groups.values())
+    assert total == len([p for p in model.parameters() if p.requires_grad])
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def counting(monkeypatch):
+    """Wrap evaluate_split so the test can see every split evaluated."""
+    calls, real = [], ft.evaluate_split
+    monkeypatch.setattr(ft, "evaluate_split", lambda m, c, s: calls.append(s) or real(m, c, s))
+    return calls
+
+
+@pytest.mark.parametrize("task", ["ic", "tc", "vqa", "retrieval"])
+def test_short_run_writes_results_and_evaluates_test_once(bench, tmp_path, monkeypatch, task):
+    root, _ = bench
+    calls = counting(monkeypatch)
+    cfg = run_cfg(root, task, tmp_path, itm_rerank=3 if task == "retrieval" else 0)
+    result = ft.finetune(cfg)
+    assert calls == ["val", "test"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    for key in ("task", "best_epoch", "history", "test", "n", "config", "select"):
+        assert key in saved
+    assert saved["task"] == task and saved["best_epoch"] == 1 and len(saved["history"]) == 1
+    assert saved["select"] in saved["test"] and saved["select"] in saved["history"][0]["val"]
+    assert set(saved["n"]) == {"train", "val", "test"}
+    assert (tmp_path / "best.safetensors").is_file()
+
+
+def test_best_epoch_is_chosen_on_val_and_test_uses_its_checkpoint(bench, tmp_path, monkeypatch):
+    """val prefers epoch 1 although epoch 2 trains further: the test sees epoch 1's weights."""
+    root, _ = bench
+    seen = []
+
+    def fake(model, ctx, split):
+        seen.append((split, model.head.fc2.weight.detach().clone()))
+        return {"macro_auroc": 0.9 if len(seen) == 1 else 0.1}
+
+    monkeypatch.setattr(ft, "evaluate_split", fake)
+    result = ft.finetune(run_cfg(root, "ic", tmp_path, epochs=2, lr_task=1e-2))
+    assert [s for s, _ in seen] == ["val", "val", "test"]
+    assert result["best_epoch"] == 1 and result["best_val"] == 0.9
+    (_, w1), (_, w2), (_, w_test) = seen
+    assert not torch.equal(w1, w2)  # epoch 2 did change the head
+    assert torch.equal(w_test, w1)
+
+
+def test_vqa_out_of_vocabulary_gold_counts_wrong(bench, tmp_path):
+    root, tok = bench
+    records, meta = read_manifest(root / "vqa")
+    meta["image_root"] = str((root / "vqa" / meta["image_root"]).resolve())
+    test = [r for r in records if r["split"] == "test"]
+    for r in test[:5]:
+        r["answer"] = "a zebra"  # never in the vocabulary (built from train+val)
+    write_manifest(tmp_path / "vqa", records, meta)
+    model = ft.FinetuneModel(tiny_backbone(tok), ft.TASKS["vqa"], len(meta["answers"]))
+    # An oracle head: the gold answer whenever it is in the vocabulary.
+    model.outputs = lambda batch: batch.labels * 10.0 - 5.0
+    ctx = ft.EvalContext(tmp_path / "vqa", tok, meta["answers"], ft.setup_runtime("cpu"),
+                         ft.FinetuneConfig(task="vqa", eval_batch=8, workers=0))
+    scores = ft.evaluate_split(model, ctx, "test")
+    n_oov = sum(r["answer"] not in meta["answers"] for r in test)  # the 5 zebras and natural ones
+    assert n_oov >= 5 and scores["n_gold_out_of_vocab"] == n_oov
+    assert scores["overall"] == pytest.approx(1 - n_oov / len(test))
+    assert scores["n_open"] + scores["n_closed"] == len(test)
+
+
+def test_label_count_mismatch_is_a_clear_error(bench, tmp_path):
+    root, tok = bench
+    records, meta = read_manifest(root / "vqa")
+    model = ft.FinetuneModel(tiny_backbone(tok), ft.TASKS["vqa"], len(meta["answers"]))
+    ft.save_finetuned(tmp_path / "vqa.safetensors", model, meta["answers"], 1, {}, ft.FinetuneConfig())
+    meta["image_root"] = str((root / "vqa" / meta["image_root"]).resolve())
+    meta["answers"] = meta["answers"] + ["a zebra"]
+    write_manifest(tmp_path / "vqa", records, meta)
+    cfg = run_cfg(root, "vqa", tmp_path / "run", data=str(tmp_path / "vqa"),
+                  init=str(tmp_path / "vqa.safetensors"), tokenizer=str(root / "tokenizer.json"))
+    n = len(meta["answers"])
+    with pytest.raises(CheckpointError, match=rf"head has {n - 1} outputs.*has {n} answers"):
+        ft.finetune(cfg)
+
+
+def test_vocabulary_mismatch_is_a_clear_error(bench, tmp_path):
+    root, tok = bench
+    other = PTUnifier(dataclasses.replace(PRESETS["tiny"], vocab_size=tok.vocab_size + 7))
+    save_checkpoint(tmp_path / "other.safetensors", other, None, None, {}, other.config, None)
+    cfg = run_cfg(root, "tc", tmp_path / "run", init=str(tmp_path / "other.safetensors"))
+    with pytest.raises(SystemExit, match=rf"vocab_size={tok.vocab_size + 7}.*vocab_size={tok.vocab_size}"):
+        ft.finetune(cfg)
