@@ -69,8 +69,8 @@ def _field_problem(kind: str, value, meta: dict) -> str | None:
     """Return 'expected ...' when `value` does not satisfy field type `kind`, else None."""
     classes = meta.get("classes") or []
     if kind in ("str", "class", "answer_type", "image"):
-        if not isinstance(value, str) or not value.strip():
-            return "expected a non-empty string"
+        if not isinstance(value, str) or not clean_text(value):
+            return "expected a non-empty string (control characters removed)"
         if kind == "class" and value not in classes:
             return f"expected one of meta classes {classes}"
         if kind == "answer_type" and value not in ANSWER_TYPES:
@@ -81,8 +81,8 @@ def _field_problem(kind: str, value, meta: dict) -> str | None:
     if kind == "texts":
         if not isinstance(value, list) or not value:
             return "expected a non-empty list of strings"
-        if not all(isinstance(t, str) and len(t.split()) >= MIN_WORDS for t in value):
-            return f"expected every text to be a string of >= {MIN_WORDS} words"
+        if not all(isinstance(t, str) and len(clean_text(t).split()) >= MIN_WORDS for t in value):
+            return f"expected every text to be a string of >= {MIN_WORDS} words (control characters removed)"
         return None
     if kind == "labels":
         ok = isinstance(value, list) and all(type(v) is int and v in (0, 1) for v in value)
