@@ -47,6 +47,8 @@ def atomic_save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a writer that was SIGKILLed
+        stale.unlink(missing_ok=True)
     try:
         save_file(tensors, str(tmp), metadata=metadata)
         with open(tmp, "rb") as f:
