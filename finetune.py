@@ -52,7 +52,8 @@ from checkpoint import FORMAT, CheckpointError, _dedupe, _load_model, atomic_sav
 from data import SkipTracker, TaskDataset, Tokenizer, make_loader, read_meta
 from evaluate import accuracy, auroc, embed_retrieval, nlg_metrics, recall_at_k, vqa_accuracy
 from losses import itc_loss
-from model import ClassifierHead, Config, PTUnifier, split_decay
+from model import ClassifierHead, Config, PTUnifier, TextDecoder, generate, generation_memory, \
+    split_decay
 from train import Runtime, TrainConfig, build_model, cleanup, lr_factor, print0, seed_everything, \
     seed_step, setup_runtime
 
@@ -156,7 +157,7 @@ class FinetuneConfig:
     max_steps_per_epoch: int = 0    # cap on optimisation steps per epoch (0: the whole split)
     itm_rerank: int = 0             # retrieval: re-rank the top K ITC candidates with the ITM head
     beams: int = 1                  # generation: beam width (1: greedy)
-    max_gen_len: int = 64           # generation: longest output in tokens
+    max_gen_len: int = 0            # generation: most tokens generated (0: Config.max_text_len)
     length_penalty: float = 1.0     # generation: beam score / length ** penalty
     eval_batch: int = 128
     workers: int = 2                # DataLoader workers per process; 0 loads in the main process
@@ -184,7 +185,7 @@ class FinetuneModel(nn.Module):
         self.backbone, self.task = backbone, task
         self.head = ClassifierHead(2 * backbone.config.hidden_size, n_outputs) \
             if task.head == "classifier" else None
-        self.decoder = make_decoder(backbone) if task.head == "decoder" else None
+        self.decoder = TextDecoder.from_encoder(backbone) if task.head == "decoder" else None
 
     def task_modules(self) -> dict[str, nn.Module]:
         """The new modules saved under "task/" (the backbone is saved under "model/")."""
@@ -212,27 +213,21 @@ class FinetuneModel(nn.Module):
         fused = b(**INPUTS[self.task.inputs](batch))
         if self.head is not None:
             return self.head(fused.joint)
-        memory, memory_mask = decoder_memory(fused)
+        memory, memory_mask = generation_memory(fused)
         return self.decoder(batch.target_ids[:, :-1], memory, memory_mask)
 
     def forward(self, batch):
         return self.task.loss(self.outputs(batch), batch)
 
 
-def make_decoder(backbone: PTUnifier) -> nn.Module:
-    from model import TextDecoder
-    return TextDecoder.from_encoder(backbone)
-
-
-def decoder_memory(fused):
-    """Fused text and image streams -> (memory [B, M, H], mask [B, M]) for the decoder."""
-    from model import generation_memory
-    return generation_memory(fused)
-
-
-def decoder_new_parameters(decoder: nn.Module) -> list[nn.Parameter]:
-    """The decoder parameters that do not come from the text encoder: the cross-attention."""
-    return [p for name, p in decoder.named_parameters() if "cross" in name]
+def decoder_new_parameters(decoder: TextDecoder) -> list[nn.Parameter]:
+    """The decoder parameters that TextDecoder.from_encoder does not copy from the pre-trained
+    text encoder: cross-attention and its LayerNorm, the memory projection, and the LM head's
+    dense/norm when hidden_size != text_width (its weight stays tied to the copied embeddings)."""
+    fresh = ("cross_attn.", "ln_cross.", "memory_proj.")
+    if not isinstance(decoder.memory_proj, nn.Identity):
+        fresh += ("lm_head.dense.", "lm_head.norm.", "lm_head.decoder.bias")
+    return [p for name, p in decoder.named_parameters() if any(f in name for f in fresh)]
 
 
 def param_groups(model: FinetuneModel, cfg: FinetuneConfig) -> list[dict]:
@@ -399,14 +394,14 @@ def score_vqa(model, ctx, split) -> dict:
 
 def score_generation(model, ctx, split, final: bool) -> dict:
     """Generate from the fused streams, then BLEU-1..4, ROUGE-L, CIDEr-D (+ METEOR when final)."""
-    from model import generate
     tok, cfg = ctx.tokenizer, ctx.cfg
     hyps, refs = {}, {}
     for batch in eval_batches(model, ctx, split):
         with autocast(ctx.rt):
-            memory, mask = decoder_memory(model.backbone(**INPUTS[model.task.inputs](batch)))
+            memory, mask = generation_memory(model.backbone(**INPUTS[model.task.inputs](batch)))
             out = generate(model.decoder, memory, mask, tok.bos_id, tok.eos_id,
-                           max_len=cfg.max_gen_len, beams=cfg.beams,
+                           max_len=cfg.max_gen_len or model.backbone.config.max_text_len,
+                           beams=cfg.beams,
                            length_penalty=cfg.length_penalty)
         for rid, ids, ref in zip(batch.ids, out, batch.references):
             hyps[rid], refs[rid] = tok.decode(ids), [ref]

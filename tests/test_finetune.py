@@ -83,6 +83,30 @@ def test_head_loss_and_input_kind(bench, task):
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("task", ["ts", "itg"])
+def test_decoder_head_teacher_forcing_loss(bench, task):
+    root, tok = bench
+    model = ft.FinetuneModel(tiny_backbone(tok), ft.TASKS[task]).eval()
+    batch = first_batch(root, tok, task)
+    with torch.no_grad():
+        logits, loss = model.outputs(batch), model(batch)
+        fused = model.backbone(**ft.INPUTS[ft.TASKS[task].inputs](batch))
+    B, T = batch.target_ids.shape
+    assert logits.shape == (B, T - 1, tok.vocab_size)
+    assert (fused.image_prompt_indices is not None) == (task == "ts")  # ts: text + visual prompts
+    assert (fused.text_prompt_indices is not None) == (task == "itg")  # itg: image + textual prompts
+    # Hand computation: token t predicts token t+1; padded targets are not scored.
+    logp = torch.log_softmax(logits, -1)
+    nll = [-logp[b, t, batch.target_ids[b, t + 1]] for b in range(B) for t in range(T - 1)
+           if batch.target_mask[b, t + 1]]
+    torch.testing.assert_close(loss, torch.stack(nll).mean(), rtol=1e-5, atol=1e-6)
+    # Task rate: the decoder's new cross-attention only (the rest comes from the text encoder).
+    new = model.new_parameters()
+    names = {n for n, p in model.decoder.named_parameters() if id(p) in new}
+    assert names and all(".cross_attn." in n or ".ln_cross." in n for n in names)
+    assert not any(id(p) in new for p in model.backbone.parameters())
+
+
 def test_param_groups_backbone_and_task_rates(bench):
     root, tok = bench
     model = ft.FinetuneModel(tiny_backbone(tok), ft.TASKS["ic"], 6)
@@ -107,11 +131,11 @@ def counting(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("task", ["ic", "tc", "vqa", "retrieval"])
+@pytest.mark.parametrize("task", ["ic", "tc", "vqa", "retrieval", "ts", "itg"])
 def test_short_run_writes_results_and_evaluates_test_once(bench, tmp_path, monkeypatch, task):
     root, _ = bench
     calls = counting(monkeypatch)
-    cfg = run_cfg(root, task, tmp_path, itm_rerank=3 if task == "retrieval" else 0)
+    cfg = run_cfg(root, task, tmp_path, itm_rerank=3 if task == "retrieval" else 0, max_gen_len=6)
     result = ft.finetune(cfg)
     assert calls == ["val", "test"]
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -122,6 +146,11 @@ def test_short_run_writes_results_and_evaluates_test_once(bench, tmp_path, monke
     assert saved["select"] in saved["test"] and saved["select"] in saved["history"][0]["val"]
     assert set(saved["n"]) == {"train", "val", "test"}
     assert (tmp_path / "best.safetensors").is_file()
+    if task in ("ts", "itg"):
+        nlg = {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider", "meteor", "meteor_error"}
+        assert nlg <= set(saved["test"]) and nlg <= set(saved["history"][0]["val"])
+        assert saved["history"][0]["val"]["meteor"] is None  # METEOR only on the final test
+        assert "with_meteor=False" not in str(saved["test"]["meteor_error"])
 
 
 def test_best_epoch_is_chosen_on_val_and_test_uses_its_checkpoint(bench, tmp_path, monkeypatch):
