@@ -41,7 +41,7 @@ from tqdm import tqdm
 from checkpoint import load_checkpoint, save_checkpoint
 from data import PretrainDataset, SkipTracker, Tokenizer, make_train_stream
 from losses import LossParts, LossWeights, itc_loss, itm_loss, mlm_loss, total_loss
-from model import PRESETS, Config, PTUnifier
+from model import PRESETS, Config, PTUnifier, hf_text_fields, hf_vision_fields
 
 # Training defaults per model preset. The paper's learning rates (1e-5 encoders, 5e-5 the rest) are
 # for pre-trained encoders; the tiny preset trains from scratch on synthetic data and needs more.
@@ -227,11 +227,15 @@ class StopSignal:
 
     def __init__(self):
         self.received = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
         self.received = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        """Give SIGTERM/SIGINT back to their previous handlers (train() may run inside a notebook)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def any_rank(flags: list[bool], rt: Runtime) -> list[bool]:
@@ -245,17 +249,26 @@ def any_rank(flags: list[bool], rt: Runtime) -> list[bool]:
 # ----------------------------------------------------------------------------- building a run
 
 def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> PTUnifier:
-    """The model config: preset, encoder shapes from HF folders if given, vocabulary from the tokenizer."""
-    overrides = dict(vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id)
+    """The model config: the preset, whose encoder fields give way to those of the HF folders
+    given, with the vocabulary and special ids of the tokenizer; then the HF weights."""
+    preset = dataclasses.asdict(PRESETS[cfg.preset])
+    overrides = dict(vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id,
+                     bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
     if cfg.image_size:
         overrides["image_size"] = cfg.image_size
     if cfg.max_text_len:
         overrides["max_text_len"] = cfg.max_text_len
     if cfg.vision_init or cfg.text_init:
+        from_folders = {"tie_mlm_decoder"}  # from_hf ties the decoder when the widths allow it
+        if cfg.vision_init:
+            from_folders |= set(hf_vision_fields(cfg.vision_init))
+        if cfg.text_init:
+            from_folders |= set(hf_text_fields(cfg.text_init, with_special_ids=True))
+        rest = {k: v for k, v in preset.items() if k not in from_folders}
         mcfg = Config.from_hf(vision=cfg.vision_init or None, text=cfg.text_init or None,
-                              **{**dataclasses.asdict(PRESETS[cfg.preset]), **overrides})
+                              **{**rest, **overrides})
     else:
-        mcfg = dataclasses.replace(PRESETS[cfg.preset], **overrides)
+        mcfg = Config(**{**preset, **overrides})
     model = PTUnifier(mcfg)
     if cfg.vision_init or cfg.text_init:
         model.load_hf_encoders(vision=cfg.vision_init or None, text=cfg.text_init or None)
@@ -352,82 +365,92 @@ def train(cfg: TrainConfig) -> dict:
                    f"x {accum} accumulation; {cfg.steps} steps on {rt.device}")
 
     stop = StopSignal()
-    usage = PromptUsage(mcfg.pool_size, rt.device)
-    bad_images = SkipTracker(len(dataset) // rt.world, cfg.max_bad_images, "train")  # this rank's shard
     log = open(out / "metrics.jsonl", "a") if rt.master else None
-    bar = tqdm(total=cfg.steps, initial=state["step"], disable=not rt.master, dynamic_ncols=True)
-    batches = micro_batches(dataset, micro, cfg, state)
-    t_last, samples_since = time.perf_counter(), 0
-    model.train()
-    while state["step"] < cfg.steps:
-        set_lr(optimizer, state["step"], cfg)
-        seed_step(cfg.seed, rt.rank, state["step"])
-        running, n_samples = None, 0
-        for i in range(accum):
-            batch = next(batches).to(rt.device, non_blocking=True)
-            bad_images.update(batch)
-            sync = i == accum - 1 or rt.world == 1
-            with (runner.no_sync() if not sync and rt.world > 1 else nullcontext()), \
-                    torch.autocast(rt.device.type, dtype=rt.amp_dtype, enabled=rt.amp_dtype is not None):
-                step_out = runner(batch)
-            scaler.scale(step_out.total / accum).backward()
-            running = step_mean(running, step_out, accum)
-            usage.add(step_out)
-            n_samples += len(batch.ids)
-        bad, stopping = any_rank([not torch.isfinite(running['loss']).item(), stop.received is not None], rt)
-        if bad:
-            optimizer.zero_grad(set_to_none=True)
-            state["bad_steps"] += 1
-            state["skipped_steps"] += 1
-            if state["bad_steps"] >= cfg.max_bad_steps:
+    try:
+        usage = PromptUsage(mcfg.pool_size, rt.device)
+        bad_images = SkipTracker(len(dataset) // rt.world, cfg.max_bad_images, "train")  # this rank's shard
+        bar = tqdm(total=cfg.steps, initial=state["step"], disable=not rt.master, dynamic_ncols=True)
+        batches = micro_batches(dataset, micro, cfg, state)
+        t_last, samples_since = time.perf_counter(), 0
+        model.train()
+        while state["step"] < cfg.steps:
+            set_lr(optimizer, state["step"], cfg)
+            seed_step(cfg.seed, rt.rank, state["step"])
+            running, n_samples = None, 0
+            for i in range(accum):
+                batch = next(batches)
+                bad_images.update(batch)
+                while len(batch) == 0:  # every image of this micro-batch was unreadable: take the next
+                    batch = next(batches)
+                    bad_images.update(batch)
+                batch = batch.to(rt.device, non_blocking=True)
+                sync = i == accum - 1 or rt.world == 1
+                with (runner.no_sync() if not sync and rt.world > 1 else nullcontext()), \
+                        torch.autocast(rt.device.type, dtype=rt.amp_dtype, enabled=rt.amp_dtype is not None):
+                    step_out = runner(batch)
+                scaler.scale(step_out.total / accum).backward()
+                running = step_mean(running, step_out, accum)
+                usage.add(step_out)
+                n_samples += len(batch.ids)
+            bad, stopping = any_rank([not torch.isfinite(running['loss']).item(), stop.received is not None], rt)
+            if bad:
+                optimizer.zero_grad(set_to_none=True)
+                state["bad_steps"] += 1
+                state["skipped_steps"] += 1
+                if state["bad_steps"] >= cfg.max_bad_steps:
+                    _save(out, model, optimizer, scaler, state, mcfg, cfg, rt)
+                    raise SystemExit(f"{state['bad_steps']} consecutive steps had a non-finite loss (last at step "
+                                     f"{state['step']}); the parameters from before the first one are saved in "
+                                     f"{out / 'checkpoint.safetensors'}. Lower the learning rate or check the data.")
+            else:
+                state["bad_steps"] = 0
+                scaler.unscale_(optimizer)
+                if cfg.clip_grad > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            samples_since += n_samples * rt.world
+            bar.update(1)
+            if state["step"] % cfg.log_every == 0 or state["step"] == cfg.steps:
+                now = time.perf_counter()
+                row = dict(step=state["step"], **{k: v.item() for k, v in running.items()},
+                           lr=optimizer.param_groups[-1]["lr"], samples_per_s=samples_since / (now - t_last),
+                           skipped_steps=state["skipped_steps"])
+                t_last, samples_since = now, 0
+                bar.set_postfix(loss=f"{row['loss']:.3f}", mlm=f"{row['mlm']:.2f}", itm=f"{row['itm']:.2f}",
+                                itc=f"{row['itc']:.2f}", sps=f"{row['samples_per_s']:.0f}")
+                if log:
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+            if stopping:
                 _save(out, model, optimizer, scaler, state, mcfg, cfg, rt)
-                raise SystemExit(f"{state['bad_steps']} consecutive steps had a non-finite loss (last at step "
-                                 f"{state['step']}); the parameters from before the first one are saved in "
-                                 f"{out / 'checkpoint.safetensors'}. Lower the learning rate or check the data.")
-        else:
-            state["bad_steps"] = 0
-            scaler.unscale_(optimizer)
-            if cfg.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-        state["step"] += 1
-        samples_since += n_samples * rt.world
-        bar.update(1)
-        if state["step"] % cfg.log_every == 0 or state["step"] == cfg.steps:
-            now = time.perf_counter()
-            row = dict(step=state["step"], **{k: v.item() for k, v in running.items()},
-                       lr=optimizer.param_groups[-1]["lr"], samples_per_s=samples_since / (now - t_last),
-                       skipped_steps=state["skipped_steps"])
-            t_last, samples_since = now, 0
-            bar.set_postfix(loss=f"{row['loss']:.3f}", mlm=f"{row['mlm']:.2f}", itm=f"{row['itm']:.2f}",
-                            itc=f"{row['itc']:.2f}", sps=f"{row['samples_per_s']:.0f}")
-            if log:
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-        if stopping:
-            _save(out, model, optimizer, scaler, state, mcfg, cfg, rt)
-            bar.close()
-            print0(rt, f"stopped by {stop.received or 'a signal on another rank'} at step {state['step']}; "
-                       f"checkpoint saved; continue with --resume")
-            cleanup(rt)
-            return dict(stopped=True, step=state["step"])
-        if state["step"] % cfg.save_every == 0 or state["step"] == cfg.steps:
-            _save(out, model, optimizer, scaler, state, mcfg, cfg, rt)
-    bar.close()
-    if rt.master or bad_images.paths:  # each rank reads (and reports) its own shard
-        print(f"[rank {rt.rank}] " * (rt.world > 1) + skipped_report(bad_images), flush=True)
+                bar.close()
+                print0(rt, f"stopped by {stop.received or 'a signal on another rank'} at step {state['step']}; "
+                           f"checkpoint saved; continue with --resume")
+                cleanup(rt)
+                return dict(stopped=True, step=state["step"])
+            if state["step"] % cfg.save_every == 0 or state["step"] == cfg.steps:
+                _save(out, model, optimizer, scaler, state, mcfg, cfg, rt)
+        bar.close()
+        if rt.master or bad_images.paths:  # each rank reads (and reports) its own shard
+            print(f"[rank {rt.rank}] " * (rt.world > 1) + skipped_report(bad_images), flush=True)
 
-    result = dict(step=state["step"], skipped_steps=state["skipped_steps"], **usage.summary())
-    print0(rt, "prompts selected at least once during training (this process, this session): "
-               f"{result['train_textual_prompts_used']} textual and {result['train_visual_prompts_used']} "
-               f"visual of {mcfg.pool_size} each")
-    if rt.master:
-        result.update(final_evaluation(model, tokenizer, cfg, rt))
-        (out / "result.json").write_text(json.dumps(result, indent=2))
-    cleanup(rt)
-    return result
+        result = dict(step=state["step"], skipped_steps=state["skipped_steps"], **usage.summary())
+        print0(rt, "prompts selected at least once during training (this process, this session): "
+                   f"{result['train_textual_prompts_used']} textual and {result['train_visual_prompts_used']} "
+                   f"visual of {mcfg.pool_size} each")
+        if rt.master:
+            result.update(final_evaluation(model, tokenizer, cfg, rt))
+            (out / "result.json").write_text(json.dumps(result, indent=2))
+        cleanup(rt)
+        return result
+    finally:
+        stop.restore()
+        if log:
+            log.close()
+
 
 
 def step_mean(acc: dict | None, out: StepOutput, accum: int) -> dict[str, torch.Tensor]:
@@ -500,6 +523,7 @@ def final_evaluation(model: PTUnifier, tokenizer: Tokenizer, cfg: TrainConfig, r
 
 def cleanup(rt: Runtime) -> None:
     if rt.world > 1 and dist.is_initialized():
+        dist.barrier()  # no rank tears the group down while another still talks to it
         dist.destroy_process_group()
 
 
