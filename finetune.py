@@ -35,7 +35,6 @@ import dataclasses
 import json
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -54,7 +53,7 @@ from evaluate import accuracy, auroc, embed_retrieval, nlg_metrics, recall_at_k,
 from losses import itc_loss
 from model import ClassifierHead, Config, PTUnifier, TextDecoder, generate, generation_memory, \
     split_decay
-from train import Runtime, TrainConfig, build_model, cleanup, lr_factor, print0, seed_everything, \
+from train import Runtime, TrainConfig, any_rank, build_model, cleanup, lr_factor, print0, seed_everything, \
     seed_step, setup_runtime
 
 # ----------------------------------------------------------------------------- the tasks
@@ -306,14 +305,14 @@ def load_task_modules(model: FinetuneModel, path, meta: dict, tensors: dict, nam
 
 
 def save_finetuned(path: Path, model: FinetuneModel, names: list[str], epoch: int,
-                   metrics: dict, cfg: FinetuneConfig) -> None:
+                   metrics: dict, cfg: FinetuneConfig, recipe: str = "base") -> None:
     """Atomic safetensors: backbone under "model/" (a valid --init), task modules under "task/"."""
     tensors = {f"model/{k}": v for k, v in model.backbone.state_dict().items()}
     for name, module in model.task_modules().items():
         tensors.update({f"task/{name}.{k}": v for k, v in module.state_dict().items()})
     tensors, aliases = _dedupe(tensors)
     meta = dict(format=FORMAT, model_config=dataclasses.asdict(model.backbone.config),
-                train_config=None, state=dict(epoch=epoch), optimizer_groups=[], scaler=None,
+                train_config=dict(preset=recipe), state=dict(epoch=epoch), optimizer_groups=[], scaler=None,
                 aliases=aliases, finetune=dict(task=model.task.name, outputs=names, epoch=epoch,
                                                val=metrics, config=dataclasses.asdict(cfg)))
     atomic_save(path, tensors, {"ptunifier": json.dumps(meta)})
@@ -493,7 +492,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
         raise SystemExit(f"{cfg.data}/meta.json: task {meta['task']!r}, but --task {task.name}")
     tokenizer = Tokenizer.load(find_tokenizer(cfg))
     backbone, init_meta, init_tensors = load_backbone(cfg, tokenizer)
-    cfg = cfg.resolved(recipe_of(cfg, init_meta))
+    recipe = recipe_of(cfg, init_meta)
+    cfg = cfg.resolved(recipe)
     names = output_names(task, meta)
     model = FinetuneModel(backbone, task, len(names)).to(rt.device)
     if init_meta is not None and load_task_modules(model, cfg.init, init_meta, init_tensors, names):
@@ -526,7 +526,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
                f"task {cfg.lr_task:g}, on {rt.device}")
 
     skips = SkipTracker(len(train_set))
-    history, best, step, started = [], None, 0, time.perf_counter()
+    history, best, step, skipped_steps, started = [], None, 0, 0, time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         if isinstance(loader.sampler, torch.utils.data.DistributedSampler):
             loader.sampler.set_epoch(epoch)
@@ -544,6 +544,11 @@ def finetune(cfg: FinetuneConfig) -> dict:
             seed_step(cfg.seed, rt.rank, step)
             with autocast(rt):
                 loss = runner(batch.to(rt.device, non_blocking=True))
+            if any_rank([not torch.isfinite(loss).item()], rt)[0]:  # every rank skips together
+                skipped_steps += 1
+                print0(rt, f"step {step}: non-finite loss, step skipped ({skipped_steps} so far)")
+                step += 1
+                continue
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             if cfg.clip_grad > 0:
@@ -558,12 +563,13 @@ def finetune(cfg: FinetuneConfig) -> dict:
         bar.close()
         if rt.master:
             val = evaluate_split(model, ctx, "val")
-            history.append(dict(epoch=epoch, train_loss=float(np.mean(losses)), val=val))
-            print0(rt, f"epoch {epoch}: train loss {np.mean(losses):.4f}, val {task.select} "
+            mean_loss = float(np.mean(losses)) if losses else float("nan")
+            history.append(dict(epoch=epoch, train_loss=mean_loss, val=val))
+            print0(rt, f"epoch {epoch}: train loss {mean_loss:.4f}, val {task.select} "
                        f"{val[task.select]:.4f}")
             if best is None or val[task.select] > best[1]:
                 best = (epoch, val[task.select])
-                save_finetuned(out / "best.safetensors", model, names, epoch, val, cfg)
+                save_finetuned(out / "best.safetensors", model, names, epoch, val, cfg, recipe)
         if rt.world > 1:
             dist.barrier()
 
@@ -576,6 +582,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         counts = {s: meta.get("counts", {}).get(s) for s in ("train", "val", "test")}
         result = dict(task=task.name, data=cfg.data, init=cfg.init, select=task.select,
                       best_epoch=best[0], best_val=best[1], history=history, test=test, n=counts,
+                      skipped_steps=skipped_steps,
                       checkpoint=str(out / "best.safetensors"), seconds=time.perf_counter() - started,
                       config=dataclasses.asdict(cfg), model_config=dataclasses.asdict(mcfg))
         (out / "results.json").write_text(json.dumps(result, indent=2))
