@@ -117,7 +117,7 @@ INPUTS = {
 
 # Per-task defaults. "base": the paper's learning rates for a pre-trained base model (epochs and
 # batch sizes of the official configs). "tiny": the synthetic benchmark on 2 CPU cores from a
-# tiny pre-training checkpoint (all six tasks together in ~10-15 minutes); the tiny backbone is
+# tiny pre-training checkpoint (all six tasks together ~15 minutes, estimated); the tiny backbone is
 # barely pre-trained, so it needs a far higher backbone rate than 5e-6 to move in 3 epochs.
 PAPER_LR = dict(lr_backbone=5e-6, lr_task=2.5e-4)
 TINY_LR = dict(lr_backbone=2e-4, lr_task=5e-4)
@@ -128,12 +128,12 @@ FT_DEFAULTS = {
              "ts": dict(epochs=10, batch_size=32, **PAPER_LR),
              "itg": dict(epochs=10, batch_size=32, **PAPER_LR),
              "retrieval": dict(epochs=10, batch_size=128, **PAPER_LR)},
-    "tiny": {"ic": dict(epochs=3, batch_size=64, **TINY_LR),
+    "tiny": {"ic": dict(epochs=2, batch_size=64, **TINY_LR),
              "tc": dict(epochs=3, batch_size=64, **TINY_LR),
-             "vqa": dict(epochs=2, batch_size=64, **TINY_LR),
-             "ts": dict(epochs=3, batch_size=64, **TINY_LR),
-             "itg": dict(epochs=3, batch_size=64, **TINY_LR),
-             "retrieval": dict(epochs=3, batch_size=64, **TINY_LR)},
+             "vqa": dict(epochs=1, batch_size=64, **TINY_LR),
+             "ts": dict(epochs=2, batch_size=64, **TINY_LR),
+             "itg": dict(epochs=2, batch_size=64, **TINY_LR),
+             "retrieval": dict(epochs=2, batch_size=64, **TINY_LR)},
 }
 
 
