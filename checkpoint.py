@@ -28,7 +28,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read, or that does not match the model or run asking for it."""
 
 
-def _dedupe(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def dedupe_shared(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """safetensors refuses tensors that share memory (tied MLM decoder / word embeddings):
     keep the first name of each shared tensor and record the others as aliases."""
     seen, unique, aliases = {}, {}, {}
@@ -73,7 +73,7 @@ def save_checkpoint(path, model, optimizer, scaler, state: dict, model_cfg, trai
     for idx, slots in opt["state"].items():
         for key, value in slots.items():
             tensors[f"optim/{idx}/{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    tensors, aliases = _dedupe(tensors)
+    tensors, aliases = dedupe_shared(tensors)
     meta = dict(format=FORMAT, model_config=dataclasses.asdict(model_cfg),
                 train_config=dataclasses.asdict(train_cfg) if train_cfg is not None else None,
                 state=state, optimizer_groups=opt["param_groups"],
@@ -114,7 +114,7 @@ def config_mismatch(saved: dict, current: dict, fields=None) -> list[str]:
             for n in names if saved.get(n) != current.get(n)]
 
 
-def _load_model(path, meta: dict, tensors: dict[str, torch.Tensor], model) -> None:
+def load_model_state(path, meta: dict, tensors: dict[str, torch.Tensor], model) -> None:
     diff = config_mismatch(meta["model_config"], dataclasses.asdict(model.config))
     if diff:
         raise CheckpointError(f"{path} was made for a different model configuration:\n  " + "\n  ".join(diff))
@@ -125,7 +125,7 @@ def _load_model(path, meta: dict, tensors: dict[str, torch.Tensor], model) -> No
 def load_model_weights(path, model) -> dict:
     """Load a checkpoint's model weights into `model` (strict); returns the checkpoint metadata."""
     meta, tensors = read_checkpoint(path)
-    _load_model(path, meta, tensors, model)
+    load_model_state(path, meta, tensors, model)
     return meta
 
 
@@ -140,7 +140,7 @@ def load_checkpoint(path, model, optimizer, scaler, expect_train=None) -> dict:
         diff = config_mismatch(meta["train_config"], dataclasses.asdict(expect_train), RESUME_FIELDS)
         if diff:
             raise CheckpointError(f"cannot resume from {path}: the run's settings changed:\n  " + "\n  ".join(diff))
-    _load_model(path, meta, tensors, model)
+    load_model_state(path, meta, tensors, model)
     slots: dict[int, dict] = {}
     for k, v in tensors.items():
         if k.startswith("optim/"):

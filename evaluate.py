@@ -625,3 +625,162 @@ def zero_shot_classification(model, folder, split, tokenizer, device, batch_size
                          f"no class has both label values ({excluded})")
     return {"n": len(scores), "classes": classes, "per_class": per_class, "excluded": excluded,
             "macro_auroc": float(np.mean(valid))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Section 3: the benchmark report (python evaluate.py --benchmark synth --checkpoint CKPT)
+# ---------------------------------------------------------------------------------------------
+
+# Table 2's layout: (group, column, task, key of the task's test metrics). Scores print as 100 x.
+TABLE = [("Uni-modal", "IC AUROC", "ic", "macro_auroc"),
+         ("Uni-modal", "TC Acc", "tc", "accuracy"),
+         ("Uni-modal", "TS ROUGE-L", "ts", "rouge_l"),
+         ("Cross-modal", "ITR R@1", "retrieval", "i2t_r1"),
+         ("Cross-modal", "TIR R@1", "retrieval", "t2i_r1"),
+         ("Cross-modal", "ITG BLEU-4", "itg", "bleu_4"),
+         ("Cross-modal", "ITG ROUGE-L", "itg", "rouge_l"),
+         ("Multi-modal", "VQA Acc", "vqa", "overall")]
+
+
+def _most_common(values):
+    return Counter(values).most_common(1)[0][0]
+
+
+def trivial_baselines(root) -> dict[str, dict]:
+    """Test metrics of answers that ignore the input, computed with the same metric code: a
+    constant score (AUROC 0.5), the training split's most frequent class / answer / text, and
+    chance-level recall (K / N)."""
+    from pathlib import Path
+    root = Path(root)
+    split = lambda task, s: read_manifest(root / task, s)[0]  # noqa: E731
+    out = {"ic": {"macro_auroc": 0.5}}
+    majority = _most_common(r["label"] for r in split("tc", "train"))
+    out["tc"] = {"accuracy": float(np.mean([r["label"] == majority for r in split("tc", "test")]))}
+    for task, field in (("ts", "target"), ("itg", "report")):
+        constant = _most_common(r[field] for r in split(task, "train"))
+        test = split(task, "test")
+        scores = nlg_metrics({r["id"]: constant for r in test}, {r["id"]: [r[field]] for r in test},
+                             with_meteor=False)
+        out[task] = {"rouge_l": scores.rouge_l, "bleu_4": scores.bleu_4}
+    n = len(split("retrieval", "test"))
+    out["retrieval"] = {"i2t_r1": 1 / n, "t2i_r1": 1 / n}
+    answer = _most_common(r["answer"] for r in split("vqa", "train"))
+    test = split("vqa", "test")
+    out["vqa"] = {"overall": vqa_accuracy([answer] * len(test), [r["answer"] for r in test],
+                                          [r["answer_type"] for r in test]).overall}
+    return out
+
+
+def table_markdown(rows: dict[str, dict[str, dict]]) -> str:
+    """Rows {name: {task: test metrics}} as a Markdown table grouped like the paper's Table 2."""
+    groups = [g for g, *_ in TABLE]
+    spans = [(g, groups.count(g)) for g in dict.fromkeys(groups)]
+    lines = ["| | " + " | ".join(f"{g} ({n} col.)" for g, n in spans) + " |",
+             "| method | " + " | ".join(col for _, col, _, _ in TABLE) + " |",
+             "|---" * (len(TABLE) + 1) + "|"]
+    for name, metrics in rows.items():
+        cells = [metrics.get(task, {}).get(key) for _, _, task, key in TABLE]
+        lines.append(f"| {name} | " + " | ".join("-" if c is None else f"{100 * c:.1f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def _wrap(text: str, width: int) -> str:
+    import textwrap
+    return "\n".join(textwrap.wrap(text, width))
+
+
+def example_sheet(model, tokenizer, root, vqa_checkpoint, device, path, n: int = 4) -> None:
+    """A PNG for a human: n test images with their report and the zero-shot top-1 retrieved
+    report, and n VQA questions with the fine-tuned model's answer next to the gold one."""
+    from pathlib import Path
+    from PIL import Image, ImageDraw
+    from data import load_image, resolve_image
+    import finetune
+    root = Path(root)
+    records, meta = read_manifest(root / "retrieval", "test")
+    image_emb, text_emb, _, _ = embed_retrieval(model, root / "retrieval", "test", tokenizer, device, 128)
+    top1 = (image_emb[:n] @ text_emb.T).argmax(dim=1).tolist()
+    vqa_records, vqa_meta = read_manifest(root / "vqa", "test")
+    vqa_records = vqa_records[:n]
+    predicted = finetune.predict_answers(vqa_checkpoint, root / "vqa", tokenizer, device, n)
+
+    size, width = 160, 760
+    sheet = Image.new("RGB", (width, 2 * n * (size + 10) + 40), "white")
+    draw = ImageDraw.Draw(sheet)
+    y = 10
+    for i, j in enumerate(top1):
+        im = load_image(resolve_image(root / "retrieval", meta, records[i]["image"])).resize((size, size))
+        sheet.paste(im, (10, y))
+        mark = "HIT" if j == i else "miss"
+        draw.text((size + 20, y), f"retrieval ({mark}) - true report:\n{_wrap(records[i]['text'], 95)}\n"
+                                  f"top-1 retrieved (zero-shot ITC):\n{_wrap(records[j]['text'], 95)}",
+                  fill="black")
+        y += size + 10
+    for r, answer in zip(vqa_records, predicted):
+        im = load_image(resolve_image(root / "vqa", vqa_meta, r["image"])).resize((size, size))
+        sheet.paste(im, (10, y))
+        mark = "correct" if answer == r["answer"] else "wrong"
+        draw.text((size + 20, y), f"VQA ({r['answer_type']}, {mark})\nQ: {r['question']}\n"
+                                  f"predicted: {answer}\ngold: {r['answer']}", fill="black")
+        y += size + 10
+    sheet.save(path)
+
+
+def run_benchmark(checkpoint, root, out, device="auto") -> dict:
+    """Zero-shot evaluation of `checkpoint`, then fine-tune and test it on every task of the
+    benchmark in `root`; writes table.md, table.json and examples.png under `out`."""
+    import json
+    from pathlib import Path
+    import finetune
+    from checkpoint import read_checkpoint
+    from data import Tokenizer
+    from model import Config, PTUnifier
+    root, out = Path(root), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if device == "auto" else device))
+    tokenizer = Tokenizer.load(root / "tokenizer.json")
+    meta, tensors = read_checkpoint(checkpoint)
+    model = PTUnifier(Config(**meta["model_config"]))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")}, strict=True)
+    model.to(device)
+
+    zs_ret = zero_shot_retrieval(model, root / "retrieval", "test", tokenizer, device)
+    zs_ic = zero_shot_classification(model, root / "ic", "test", tokenizer, device)
+    results = {}
+    for task in ("ic", "tc", "ts", "retrieval", "itg", "vqa"):
+        cfg = finetune.FinetuneConfig(task=task, data=str(root / task), init=str(checkpoint),
+                                      out=str(out / task), device=device.type)
+        results[task] = finetune.finetune(cfg)
+    rows = {"trivial baseline": trivial_baselines(root),
+            "PTUnifier zero-shot": {"ic": {"macro_auroc": zs_ic["macro_auroc"]},
+                                    "retrieval": {k: zs_ret[k] for k in ("i2t_r1", "t2i_r1")}},
+            "PTUnifier fine-tuned": {task: r["test"] for task, r in results.items()}}
+    table = table_markdown(rows)
+    (out / "table.md").write_text(table + "\n")
+    (out / "table.json").write_text(json.dumps(dict(
+        checkpoint=str(checkpoint), rows=rows, zero_shot=dict(retrieval=zs_ret, ic=zs_ic),
+        finetune={t: {k: r[k] for k in ("best_epoch", "best_val", "seconds", "test")}
+                  for t, r in results.items()}), indent=2, default=float))
+    example_sheet(model, tokenizer, root, out / "vqa" / "best.safetensors", device, out / "examples.png")
+    print(table)
+    print(f"written: {out / 'table.md'}, {out / 'table.json'}, {out / 'examples.png'}")
+    return rows
+
+
+def main(argv=None) -> None:
+    import argparse
+    p = argparse.ArgumentParser(description="Zero-shot and fine-tuned evaluation of a PTUnifier "
+                                            "checkpoint on a benchmark, as one Table-2-style report.")
+    p.add_argument("--benchmark", choices=["synth"], default="synth",
+                   help="the benchmark to run (the built-in synthetic one)")
+    p.add_argument("--data", default="data/synth", help="benchmark root (task folders + tokenizer.json)")
+    p.add_argument("--checkpoint", required=True, help="pre-training checkpoint (checkpoint.safetensors)")
+    p.add_argument("--out", default="runs/benchmark", help="where fine-tuning runs and the table go")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    a = p.parse_args(argv)
+    run_benchmark(a.checkpoint, a.data, a.out, a.device)
+
+
+if __name__ == "__main__":
+    main()

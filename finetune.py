@@ -47,7 +47,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from checkpoint import FORMAT, CheckpointError, _dedupe, _load_model, atomic_save, read_checkpoint
+from checkpoint import FORMAT, CheckpointError, dedupe_shared, load_model_state, atomic_save, read_checkpoint
 from data import SkipTracker, TaskDataset, Tokenizer, make_loader, read_meta
 from evaluate import accuracy, auroc, embed_retrieval, nlg_metrics, recall_at_k, vqa_accuracy
 from losses import itc_loss
@@ -274,7 +274,7 @@ def load_backbone(cfg: FinetuneConfig, tokenizer: Tokenizer) -> tuple[PTUnifier,
                          f"(vocab_size={tokenizer.vocab_size}, pad id {tokenizer.pad_id}); pass the "
                          "tokenizer the checkpoint was pre-trained with (--tokenizer)")
     backbone = PTUnifier(mcfg)
-    _load_model(cfg.init, meta, tensors, backbone)
+    load_model_state(cfg.init, meta, tensors, backbone)
     return backbone, meta, tensors
 
 
@@ -310,12 +310,37 @@ def save_finetuned(path: Path, model: FinetuneModel, names: list[str], epoch: in
     tensors = {f"model/{k}": v for k, v in model.backbone.state_dict().items()}
     for name, module in model.task_modules().items():
         tensors.update({f"task/{name}.{k}": v for k, v in module.state_dict().items()})
-    tensors, aliases = _dedupe(tensors)
+    tensors, aliases = dedupe_shared(tensors)
     meta = dict(format=FORMAT, model_config=dataclasses.asdict(model.backbone.config),
                 train_config=dict(preset=recipe), state=dict(epoch=epoch), optimizer_groups=[], scaler=None,
                 aliases=aliases, finetune=dict(task=model.task.name, outputs=names, epoch=epoch,
                                                val=metrics, config=dataclasses.asdict(cfg)))
     atomic_save(path, tensors, {"ptunifier": json.dumps(meta)})
+
+
+def load_finetuned(path, folder, tokenizer: Tokenizer, device) -> FinetuneModel:
+    """A fine-tuned checkpoint (OUT/best.safetensors) as an eval-mode model for a task folder."""
+    meta, tensors = read_checkpoint(path)
+    if not meta.get("finetune"):
+        raise CheckpointError(f"{path} is not a fine-tuned checkpoint (no task head inside)")
+    task = TASKS[meta["finetune"]["task"]]
+    names = output_names(task, read_meta(folder))
+    backbone = PTUnifier(Config(**meta["model_config"]))
+    load_model_state(path, meta, tensors, backbone)
+    model = FinetuneModel(backbone, task, len(names))
+    load_task_modules(model, path, meta, tensors, names)
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def predict_answers(path, folder, tokenizer: Tokenizer, device, n: int) -> list[str]:
+    """The fine-tuned VQA model's answers to the first n test questions of `folder`."""
+    model = load_finetuned(path, folder, tokenizer, device)
+    cfg = model.backbone.config
+    dataset = TaskDataset(folder, "test", tokenizer, cfg.image_size, cfg.max_text_len, train=False)
+    batch = dataset.collate([dataset[i] for i in range(min(n, len(dataset)))]).to(device)
+    names = output_names(model.task, read_meta(folder))
+    return [names[i] for i in model.outputs(batch).argmax(dim=1).tolist()]
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -576,7 +601,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     result = {}
     if rt.master:
         best_meta, tensors = read_checkpoint(out / "best.safetensors")
-        _load_model(out / "best.safetensors", best_meta, tensors, model.backbone)
+        load_model_state(out / "best.safetensors", best_meta, tensors, model.backbone)
         load_task_modules(model, out / "best.safetensors", best_meta, tensors, names)
         test = evaluate_split(model, ctx, "test")
         counts = {s: meta.get("counts", {}).get(s) for s in ("train", "val", "test")}

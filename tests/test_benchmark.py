@@ -1,0 +1,64 @@
+"""The benchmark report: trivial baselines by hand, the Table-2 layout, and the driver end to end
+with one short fine-tuning run per task."""
+import json
+from collections import Counter
+
+import pytest
+
+import evaluate
+import synth
+import train
+from data import read_manifest
+
+
+@pytest.fixture(scope="module")
+def bench_root(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    synth.main(["--out", str(out), "--train", "40", "--val", "8", "--test", "12", "--image-size", "64",
+                "--workers", "1"])
+    return out
+
+
+def test_trivial_baselines_by_hand(bench_root):
+    base = evaluate.trivial_baselines(bench_root)
+    tc_train, _ = read_manifest(bench_root / "tc", "train")
+    tc_test, _ = read_manifest(bench_root / "tc", "test")
+    majority = Counter(r["label"] for r in tc_train).most_common(1)[0][0]
+    assert base["tc"]["accuracy"] == sum(r["label"] == majority for r in tc_test) / len(tc_test)
+    vqa_train, _ = read_manifest(bench_root / "vqa", "train")
+    vqa_test, _ = read_manifest(bench_root / "vqa", "test")
+    answer = Counter(r["answer"] for r in vqa_train).most_common(1)[0][0]
+    assert base["vqa"]["overall"] == pytest.approx(sum(r["answer"] == answer for r in vqa_test) / len(vqa_test))
+    assert base["retrieval"] == {"i2t_r1": 1 / 12, "t2i_r1": 1 / 12}
+    assert base["ic"] == {"macro_auroc": 0.5}
+    assert 0 <= base["ts"]["rouge_l"] <= 1 and 0 <= base["itg"]["bleu_4"] <= 1
+
+
+def test_table_follows_table_2_layout():
+    rows = {"a": {"ic": {"macro_auroc": 0.9}, "vqa": {"overall": 0.5}}, "b": {}}
+    lines = evaluate.table_markdown(rows).splitlines()
+    assert "Uni-modal (3 col.)" in lines[0] and "Cross-modal (4 col.)" in lines[0]
+    assert lines[1].split("|")[2].strip() == "IC AUROC"
+    assert lines[3] == "| a | 90.0 | - | - | - | - | - | - | 50.0 |"
+    assert lines[4].count("-") == 8
+
+
+def test_benchmark_driver_end_to_end(bench_root, tmp_path, monkeypatch):
+    """Pre-train a few steps, then the driver fine-tunes every task (one short epoch each) and
+    writes the table, its JSON and the example sheet."""
+    run = tmp_path / "pre"
+    train.main(["--data", str(bench_root / "pretrain"), "--out", str(run), "--steps", "2", "--batch-size", "8",
+                "--workers", "0"])
+    import finetune
+    real = finetune.FinetuneConfig
+
+    def short(**kw):
+        return real(**kw, epochs=1, max_steps_per_epoch=2, batch_size=8, workers=0, eval_batch=16)
+    monkeypatch.setattr(finetune, "FinetuneConfig", short)
+    rows = evaluate.run_benchmark(run / "checkpoint.safetensors", bench_root, tmp_path / "bench", "cpu")
+    assert set(rows) == {"trivial baseline", "PTUnifier zero-shot", "PTUnifier fine-tuned"}
+    assert set(rows["PTUnifier fine-tuned"]) == {"ic", "tc", "ts", "retrieval", "itg", "vqa"}
+    saved = json.loads((tmp_path / "bench" / "table.json").read_text())
+    assert saved["rows"]["PTUnifier fine-tuned"]["vqa"]["overall"] == rows["PTUnifier fine-tuned"]["vqa"]["overall"]
+    assert (tmp_path / "bench" / "table.md").read_text().count("\n") == 6
+    assert (tmp_path / "bench" / "examples.png").stat().st_size > 1000
