@@ -1,4 +1,5 @@
-"""Worker that tests/test_faults.py runs under torchrun (2 gloo processes), in one launch:
+"""Worker that tests/test_faults.py runs under torchrun (2 gloo processes), one launch per phase
+(a fresh launch each time: re-creating a gloo group inside one torchrun launch can hang):
 
   1. straight: the run for N steps, uninterrupted;
   2. split:    the same run, where rank 1 waits at step K until the test sends SIGTERM to its pid
@@ -9,7 +10,7 @@ Each rank writes what train.train returned to OUT/rank<r>_<phase>.json, and rank
 to OUT/rank1.pid when it is waiting for the signal.
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_fault_worker.py \
-        DATA TOKENIZER OUT N K
+        PHASE DATA TOKENIZER OUT N K
 """
 import json
 import os
@@ -46,18 +47,20 @@ def run(phase: str, args: list[str], out: Path) -> None:
                                                                "stopped": result.get("stopped", False)}))
 
 
-def main(data: str, tokenizer: str, out: str, n: str, k: str) -> None:
+def main(phase: str, data: str, tokenizer: str, out: str, n: str, k: str) -> None:
     out = Path(out)
 
     def args(folder, *extra):
         return ["--data", data, "--tokenizer", tokenizer, "--out", str(out / folder), "--batch-size", "8",
                 "--workers", "0", "--log-every", "1", "--save-every", "1000", "--steps", n, *extra]
 
-    run("straight", args("straight"), out)
-    train.seed_step = wait_for_sigterm_at(int(k), out / "rank1.pid")
-    run("split", args("split"), out)
-    train.seed_step = ORIGINAL_SEED_STEP
-    run("resume", args("split", "--resume"), out)
+    if phase == "straight":
+        run("straight", args("straight"), out)
+    elif phase == "split":
+        train.seed_step = wait_for_sigterm_at(int(k), out / "rank1.pid")
+        run("split", args("split"), out)
+    else:
+        run("resume", args("split", "--resume"), out)
 
 
 if __name__ == "__main__":

@@ -205,12 +205,19 @@ def _torchrun(*argv):
 def test_ddp_sigterm_to_one_rank_stops_all_and_resume_is_exact(bench, tmp_path):
     """2 gloo processes: SIGTERM to rank 1's pid only; both ranks stop after the same step, rank 0
     saves, and the resumed run ends with the parameters of the uninterrupted DDP run."""
-    proc = _torchrun(str(ROOT / "tests" / "ddp_fault_worker.py"), str(bench / "pretrain"),
-                     str(bench / "tokenizer.json"), str(tmp_path), str(N), str(K - 1))
-    _wait_for_file(tmp_path / "rank1.pid", proc, timeout=240)
-    os.kill(int((tmp_path / "rank1.pid").read_text()), signal.SIGTERM)
-    stdout, _ = proc.communicate(timeout=240)
-    assert proc.returncode == 0, stdout
+    def launch(phase):
+        return _torchrun(str(ROOT / "tests" / "ddp_fault_worker.py"), phase, str(bench / "pretrain"),
+                         str(bench / "tokenizer.json"), str(tmp_path), str(N), str(K - 1))
+
+    for phase in ("straight", "split", "resume"):
+        proc = launch(phase)
+        if phase == "split":
+            _wait_for_file(tmp_path / "rank1.pid", proc, timeout=240)
+            os.kill(int((tmp_path / "rank1.pid").read_text()), signal.SIGTERM)
+        out, _ = proc.communicate(timeout=240)
+        assert proc.returncode == 0, out
+        if phase == "split":
+            stdout = out
     results = {(r, phase): json.loads((tmp_path / f"rank{r}_{phase}.json").read_text())
                for r in (0, 1) for phase in ("straight", "split", "resume")}
     assert results[0, "split"] == results[1, "split"] == dict(step=K, stopped=True)
