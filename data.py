@@ -355,6 +355,19 @@ def pick_sentence(texts: list[str], rng: random.Random) -> str:
     return sentences[rng.randrange(len(sentences))]
 
 
+def locate_tokenizer(data, explicit: str = "", text_encoder: str = "") -> Path:
+    """The tokenizer of a run: `explicit` (--tokenizer), else the text encoder's Hugging Face folder
+    (--text-init), else tokenizer.json in the task folder `data` or its parent (data/synth)."""
+    if explicit:
+        return Path(explicit)
+    if text_encoder:
+        return Path(text_encoder)
+    for folder in (Path(data), Path(data).parent):
+        if (folder / "tokenizer.json").exists():
+            return folder / "tokenizer.json"
+    raise SystemExit(f"no tokenizer.json in {data} or beside it: pass --tokenizer (or --text-init)")
+
+
 SPECIALS_BPE = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")  # ids 0..4, RoBERTa order
 SPECIALS_WORDPIECE = ("[CLS]", "[PAD]", "[SEP]", "[UNK]", "[MASK]")
 

@@ -30,7 +30,6 @@ outputs than the data's meta.json is an error naming both numbers.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -48,13 +47,13 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from checkpoint import FORMAT, CheckpointError, dedupe_shared, load_model_state, atomic_save, read_checkpoint
-from data import SkipTracker, TaskDataset, Tokenizer, make_loader, read_meta
+from data import SkipTracker, TaskDataset, Tokenizer, locate_tokenizer, make_loader, read_meta
 from evaluate import accuracy, auroc, embed_retrieval, nlg_metrics, recall_at_k, vqa_accuracy
 from losses import itc_loss
 from model import ClassifierHead, Config, PTUnifier, TextDecoder, generate, generation_memory, \
     split_decay
-from train import Runtime, TrainConfig, any_rank, build_model, cleanup, lr_factor, print0, seed_everything, \
-    seed_step, setup_runtime
+from train import Runtime, TrainConfig, any_rank, build_model, cleanup, dataclass_cli, lr_factor, print0, \
+    seed_everything, seed_step, setup_runtime
 
 # ----------------------------------------------------------------------------- the tasks
 
@@ -246,16 +245,6 @@ def param_groups(model: FinetuneModel, cfg: FinetuneConfig) -> list[dict]:
 # ----------------------------------------------------------------------------- building a run
 
 
-def find_tokenizer(cfg: FinetuneConfig) -> Path:
-    """--tokenizer, else tokenizer.json in the task folder or beside it (data/synth/tokenizer.json)."""
-    if cfg.tokenizer:
-        return Path(cfg.tokenizer)
-    for folder in (Path(cfg.data), Path(cfg.data).parent):
-        if (folder / "tokenizer.json").exists():
-            return folder / "tokenizer.json"
-    raise SystemExit(f"no tokenizer found beside {cfg.data}: pass --tokenizer")
-
-
 def output_names(task: Task, meta: dict) -> list[str]:
     """The classifier's output names (meta classes or answers); [] for heads without labels."""
     return list(meta[task.outputs]) if task.outputs else []
@@ -270,7 +259,7 @@ def load_backbone(cfg: FinetuneConfig, tokenizer: Tokenizer) -> tuple[PTUnifier,
     mcfg = Config(**meta["model_config"])
     if mcfg.vocab_size != tokenizer.vocab_size or mcfg.pad_token_id != tokenizer.pad_id:
         raise SystemExit(f"{cfg.init}: the checkpoint's vocab_size={mcfg.vocab_size} (pad id "
-                         f"{mcfg.pad_token_id}) does not match the tokenizer {find_tokenizer(cfg)} "
+                         f"{mcfg.pad_token_id}) does not match the tokenizer {locate_tokenizer(cfg.data, cfg.tokenizer)} "
                          f"(vocab_size={tokenizer.vocab_size}, pad id {tokenizer.pad_id}); pass the "
                          "tokenizer the checkpoint was pre-trained with (--tokenizer)")
     backbone = PTUnifier(mcfg)
@@ -515,7 +504,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     meta = read_meta(cfg.data)
     if meta["task"] != task.name:
         raise SystemExit(f"{cfg.data}/meta.json: task {meta['task']!r}, but --task {task.name}")
-    tokenizer = Tokenizer.load(find_tokenizer(cfg))
+    tokenizer = Tokenizer.load(locate_tokenizer(cfg.data, cfg.tokenizer))
     backbone, init_meta, init_tensors = load_backbone(cfg, tokenizer)
     recipe = recipe_of(cfg, init_meta)
     cfg = cfg.resolved(recipe)
@@ -618,21 +607,13 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
 
 def parse_args(argv=None) -> FinetuneConfig:
-    """A flat CLI generated from FinetuneConfig: every field is a flag; unknown flags are an error."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    helps = {
+    return dataclass_cli(FinetuneConfig, argv, __doc__.split("\n")[0], {
         "task": f"one of {sorted(TASKS)}",
         "init": "pre-training (or fine-tuned) checkpoint; the model Config comes from it",
         "batch_size": "global batch; lower it (32, 16) if you run out of memory",
         "max_steps_per_epoch": "cap steps per epoch (quick checks); 0 uses the whole split",
         "itm_rerank": "retrieval: K > 0 re-ranks the top-K ITC candidates with ITM pair passes",
-    }
-    for f in dataclasses.fields(FinetuneConfig):
-        kind = {"int": int, "float": float, "str": str}[f.type]
-        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
-                       help=helps.get(f.name, " "), required=f.name in ("task", "data"))
-    return FinetuneConfig(**vars(p.parse_args(argv)))
+    }, required=("task", "data"))
 
 
 def main(argv=None) -> None:

@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint, save_checkpoint
-from data import PretrainDataset, SkipTracker, Tokenizer, make_train_stream
+from data import PretrainDataset, SkipTracker, Tokenizer, locate_tokenizer, make_train_stream
 from losses import LossParts, LossWeights, itc_loss, itm_loss, mlm_loss, total_loss
 from model import PRESETS, Config, PTUnifier, hf_text_fields, hf_vision_fields
 
@@ -275,18 +275,6 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> PTUnifier:
     return model
 
 
-def find_tokenizer(cfg: TrainConfig) -> Path:
-    """--tokenizer, else the text encoder's folder, else tokenizer.json beside the data."""
-    if cfg.tokenizer:
-        return Path(cfg.tokenizer)
-    if cfg.text_init:
-        return Path(cfg.text_init)
-    for folder in (Path(cfg.data), Path(cfg.data).parent):
-        if (folder / "tokenizer.json").exists():
-            return folder / "tokenizer.json"
-    raise SystemExit(f"no tokenizer found for {cfg.data}: pass --tokenizer or --text-init")
-
-
 def ensure_synthetic(cfg: TrainConfig, rt: Runtime) -> None:
     """The default run creates the synthetic benchmark when it is missing (rank 0 only)."""
     default = TrainConfig().data
@@ -300,24 +288,28 @@ def ensure_synthetic(cfg: TrainConfig, rt: Runtime) -> None:
         dist.barrier()
 
 
-def parse_args(argv=None) -> TrainConfig:
-    """A flat CLI generated from TrainConfig: every field is a flag; unknown flags are an error."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    helps = {
-        "micro_batch": "per-process batch per forward; lower it (32, 16, 8) if you run out of memory",
-        "workers": "DataLoader workers per process; 0 loads in the main process",
-        "resume": "continue exactly from OUT/checkpoint.safetensors",
-        "compile": "torch.compile the model (CUDA; slow to start, faster steps)",
-    }
-    for f in dataclasses.fields(TrainConfig):
+def dataclass_cli(cls, argv, description: str, helps: dict, required=()):
+    """A flat CLI generated from a config dataclass: every field is a flag, with its help from
+    `helps`; unknown flags are an error. Returns the filled dataclass."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
             p.add_argument(flag, action="store_true", help=helps.get(f.name))
         else:
             kind = {"int": int, "float": float, "str": str}[f.type]
-            p.add_argument(flag, type=kind, default=f.default, help=helps.get(f.name, " "))
-    return TrainConfig(**vars(p.parse_args(argv)))
+            p.add_argument(flag, type=kind, default=f.default, help=helps.get(f.name, " "),
+                           required=f.name in required)
+    return cls(**vars(p.parse_args(argv)))
+
+
+def parse_args(argv=None) -> TrainConfig:
+    return dataclass_cli(TrainConfig, argv, __doc__.split("\n")[0], {
+        "micro_batch": "per-process batch per forward; lower it (32, 16, 8) if you run out of memory",
+        "workers": "DataLoader workers per process; 0 loads in the main process",
+        "resume": "continue exactly from OUT/checkpoint.safetensors",
+        "compile": "torch.compile the model (CUDA; slow to start, faster steps)",
+    })
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -329,7 +321,7 @@ def train(cfg: TrainConfig) -> dict:
     ensure_synthetic(cfg, rt)
     seed_everything(cfg.seed)  # the same initial weights on every rank
 
-    tokenizer = Tokenizer.load(find_tokenizer(cfg))
+    tokenizer = Tokenizer.load(locate_tokenizer(cfg.data, cfg.tokenizer, cfg.text_init))
     model = build_model(cfg, tokenizer).to(rt.device)
     mcfg = model.config
     if cfg.workers < 0:
