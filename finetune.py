@@ -52,7 +52,7 @@ from evaluate import accuracy, auroc, embed_retrieval, nlg_metrics, recall_at_k,
 from losses import itc_loss
 from model import ClassifierHead, Config, PTUnifier, TextDecoder, generate, generation_memory, \
     split_decay
-from train import Runtime, TrainConfig, any_rank, build_model, cleanup, dataclass_cli, lr_factor, print0, \
+from train import Runtime, TrainConfig, any_rank, apply_update, build_model, cleanup, dataclass_cli, lr_factor, print0, \
     seed_everything, seed_step, setup_runtime
 
 # ----------------------------------------------------------------------------- the tasks
@@ -564,12 +564,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
                 step += 1
                 continue
             scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            if cfg.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            apply_update(model, optimizer, scaler, cfg.clip_grad)
             step += 1
             losses.append(loss.item())
             bar.update(1)

@@ -368,22 +368,7 @@ def train(cfg: TrainConfig) -> dict:
         while state["step"] < cfg.steps:
             set_lr(optimizer, state["step"], cfg)
             seed_step(cfg.seed, rt.rank, state["step"])
-            running, n_samples = None, 0
-            for i in range(accum):
-                batch = next(batches)
-                bad_images.update(batch)
-                while len(batch) == 0:  # every image of this micro-batch was unreadable: take the next
-                    batch = next(batches)
-                    bad_images.update(batch)
-                batch = batch.to(rt.device, non_blocking=True)
-                sync = i == accum - 1 or rt.world == 1
-                with (runner.no_sync() if not sync and rt.world > 1 else nullcontext()), \
-                        torch.autocast(rt.device.type, dtype=rt.amp_dtype, enabled=rt.amp_dtype is not None):
-                    step_out = runner(batch)
-                scaler.scale(step_out.total / accum).backward()
-                running = step_mean(running, step_out, accum)
-                usage.add(step_out)
-                n_samples += len(batch.ids)
+            running, n_samples = accumulate_gradients(runner, batches, accum, scaler, rt, bad_images, usage)
             bad, stopping = any_rank([not torch.isfinite(running['loss']).item(), stop.received is not None], rt)
             if bad:
                 optimizer.zero_grad(set_to_none=True)
@@ -396,12 +381,7 @@ def train(cfg: TrainConfig) -> dict:
                                      f"{out / 'checkpoint.safetensors'}. Lower the learning rate or check the data.")
             else:
                 state["bad_steps"] = 0
-                scaler.unscale_(optimizer)
-                if cfg.clip_grad > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+                apply_update(model, optimizer, scaler, cfg.clip_grad)
             state["step"] += 1
             samples_since += n_samples * rt.world
             bar.update(1)
@@ -443,6 +423,38 @@ def train(cfg: TrainConfig) -> dict:
         if log:
             log.close()
 
+
+def accumulate_gradients(runner, batches, accum: int, scaler, rt: Runtime, bad_images: SkipTracker,
+                         usage: "PromptUsage") -> tuple[dict[str, torch.Tensor], int]:
+    """Forward and backward over `accum` micro-batches (DDP syncs gradients on the last one only);
+    returns the mean detached losses and the number of samples seen."""
+    running, n_samples = None, 0
+    for i in range(accum):
+        batch = next(batches)
+        bad_images.update(batch)
+        while len(batch) == 0:  # every image of this micro-batch was unreadable: take the next
+            batch = next(batches)
+            bad_images.update(batch)
+        batch = batch.to(rt.device, non_blocking=True)
+        defer_sync = rt.world > 1 and i < accum - 1
+        with (runner.no_sync() if defer_sync else nullcontext()), \
+                torch.autocast(rt.device.type, dtype=rt.amp_dtype, enabled=rt.amp_dtype is not None):
+            out = runner(batch)
+        scaler.scale(out.total / accum).backward()
+        running = step_mean(running, out, accum)
+        usage.add(out)
+        n_samples += len(batch.ids)
+    return running, n_samples
+
+
+def apply_update(model: nn.Module, optimizer, scaler, clip_grad: float) -> None:
+    """Unscale, clip the global gradient norm, step AdamW (through the fp16 scaler), zero grads."""
+    scaler.unscale_(optimizer)
+    if clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def step_mean(acc: dict | None, out: StepOutput, accum: int) -> dict[str, torch.Tensor]:
