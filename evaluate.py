@@ -672,11 +672,9 @@ def trivial_baselines(root) -> dict[str, dict]:
 
 
 def table_markdown(rows: dict[str, dict[str, dict]]) -> str:
-    """Rows {name: {task: test metrics}} as a Markdown table grouped like the paper's Table 2."""
-    groups = [g for g, *_ in TABLE]
-    spans = [(g, groups.count(g)) for g in dict.fromkeys(groups)]
-    lines = ["| | " + " | ".join(f"{g} ({n} col.)" for g, n in spans) + " |",
-             "| method | " + " | ".join(col for _, col, _, _ in TABLE) + " |",
+    """Rows {name: {task: test metrics}} as a Markdown table with Table 2's column groups
+    (uni-modal, cross-modal, multi-modal) named in each column title."""
+    lines = ["| method | " + " | ".join(f"{group}: {col}" for group, col, _, _ in TABLE) + " |",
              "|---" * (len(TABLE) + 1) + "|"]
     for name, metrics in rows.items():
         cells = [metrics.get(task, {}).get(key) for _, _, task, key in TABLE]
