@@ -14,8 +14,10 @@ The ViT has no dropout, so the true images' ViT output is computed once and reus
 equivalence test and `bench.py reuse`.
 
 Everything about a run lives in its folder (--out): config.json (resolved configuration),
-metrics.jsonl (one line per logged step), checkpoint.safetensors (model, optimizer, scaler, step,
-data position and RNG states, written atomically; `--resume` continues exactly from it).
+metrics.jsonl (one line per logged step), checkpoint.safetensors (model, optimizer, scaler, step and
+data position, written atomically; `--resume` continues exactly from it: the random state of a step
+is a function of (seed, rank, step) and the data stream of (seed, epoch, position), so the step and
+the data position restore them).
 """
 from __future__ import annotations
 
