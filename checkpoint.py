@@ -122,6 +122,15 @@ def load_model_state(path, meta: dict, tensors: dict[str, torch.Tensor], model) 
     model.load_state_dict(state, strict=True)
 
 
+def load_pretrained(path):
+    """(PTUnifier rebuilt from the checkpoint's own Config with its weights, metadata, tensors)."""
+    from model import Config, PTUnifier
+    meta, tensors = read_checkpoint(path)
+    model = PTUnifier(Config(**meta["model_config"]))
+    load_model_state(path, meta, tensors, model)
+    return model, meta, tensors
+
+
 def load_model_weights(path, model) -> dict:
     """Load a checkpoint's model weights into `model` (strict); returns the checkpoint metadata."""
     meta, tensors = read_checkpoint(path)

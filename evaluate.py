@@ -730,18 +730,14 @@ def run_benchmark(checkpoint, root, out, device="auto") -> dict:
     import json
     from pathlib import Path
     import finetune
-    from checkpoint import read_checkpoint
+    from checkpoint import load_pretrained
     from data import Tokenizer
-    from model import Config, PTUnifier
     root, out = Path(root), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                           ("cpu" if device == "auto" else device))
     tokenizer = Tokenizer.load(root / "tokenizer.json")
-    meta, tensors = read_checkpoint(checkpoint)
-    model = PTUnifier(Config(**meta["model_config"]))
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")}, strict=True)
-    model.to(device)
+    model = load_pretrained(checkpoint)[0].to(device)
 
     zs_ret = zero_shot_retrieval(model, root / "retrieval", "test", tokenizer, device)
     zs_ic = zero_shot_classification(model, root / "ic", "test", tokenizer, device)

@@ -46,11 +46,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from checkpoint import FORMAT, CheckpointError, dedupe_shared, load_model_state, atomic_save, read_checkpoint
+from checkpoint import FORMAT, CheckpointError, atomic_save, dedupe_shared, load_model_state, load_pretrained, \
+    read_checkpoint
 from data import SkipTracker, TaskDataset, Tokenizer, locate_tokenizer, make_loader, read_meta
 from evaluate import accuracy, auroc, embed_retrieval, nlg_metrics, recall_at_k, vqa_accuracy
 from losses import itc_loss
-from model import ClassifierHead, Config, PTUnifier, TextDecoder, generate, generation_memory, \
+from model import ClassifierHead, PTUnifier, TextDecoder, generate, generation_memory, \
     split_decay
 from train import Runtime, TrainConfig, any_rank, apply_update, build_model, cleanup, dataclass_cli, lr_factor, print0, \
     seed_everything, seed_step, setup_runtime
@@ -255,15 +256,13 @@ def load_backbone(cfg: FinetuneConfig, tokenizer: Tokenizer) -> tuple[PTUnifier,
     model. The model Config comes from the checkpoint; its vocabulary must be the tokenizer's."""
     if not cfg.init:
         return build_model(TrainConfig(preset=cfg.preset), tokenizer), None, {}
-    meta, tensors = read_checkpoint(cfg.init)
-    mcfg = Config(**meta["model_config"])
+    backbone, meta, tensors = load_pretrained(cfg.init)
+    mcfg = backbone.config
     if mcfg.vocab_size != tokenizer.vocab_size or mcfg.pad_token_id != tokenizer.pad_id:
         raise SystemExit(f"{cfg.init}: the checkpoint's vocab_size={mcfg.vocab_size} (pad id "
                          f"{mcfg.pad_token_id}) does not match the tokenizer {locate_tokenizer(cfg.data, cfg.tokenizer)} "
                          f"(vocab_size={tokenizer.vocab_size}, pad id {tokenizer.pad_id}); pass the "
                          "tokenizer the checkpoint was pre-trained with (--tokenizer)")
-    backbone = PTUnifier(mcfg)
-    load_model_state(cfg.init, meta, tensors, backbone)
     return backbone, meta, tensors
 
 
@@ -309,13 +308,11 @@ def save_finetuned(path: Path, model: FinetuneModel, names: list[str], epoch: in
 
 def load_finetuned(path, folder, tokenizer: Tokenizer, device) -> FinetuneModel:
     """A fine-tuned checkpoint (OUT/best.safetensors) as an eval-mode model for a task folder."""
-    meta, tensors = read_checkpoint(path)
+    backbone, meta, tensors = load_pretrained(path)
     if not meta.get("finetune"):
         raise CheckpointError(f"{path} is not a fine-tuned checkpoint (no task head inside)")
     task = TASKS[meta["finetune"]["task"]]
     names = output_names(task, read_meta(folder))
-    backbone = PTUnifier(Config(**meta["model_config"]))
-    load_model_state(path, meta, tensors, backbone)
     model = FinetuneModel(backbone, task, len(names))
     load_task_modules(model, path, meta, tensors, names)
     return model.to(device).eval()
@@ -429,10 +426,9 @@ def itm_rerank(model, ctx, split, sim: torch.Tensor, k: int) -> tuple[torch.Tens
     sim [N_img, N_txt] -> (i2t scores, t2i scores) [N_img, N_txt]: the top-k candidates of a
     query get 2 + P(match), above every other candidate (ITC cosines are <= 1)."""
     b = model.backbone
-    states, queries, ids, masks = [], [], [], []
+    states, ids, masks = [], [], []
     for batch in eval_batches(model, ctx, split):
-        s, _ = b.encode_image(batch.pixel_values, return_query=True)
-        states.append(s)
+        states.append(b.encode_image(batch.pixel_values))
         ids += list(batch.input_ids)
         masks += list(batch.attention_mask)
     states = torch.cat(states)  # [N, 1 + N_patch, Dv]

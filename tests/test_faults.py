@@ -7,7 +7,6 @@ Faults: SIGKILL / failure during a checkpoint write, SIGTERM (single process and
 DDP, to one rank or to torchrun), disk full / permission denied, corrupt or mismatched checkpoints
 and encoder folders, broken manifests, unreadable images, odd texts, non-finite losses.
 """
-import dataclasses
 import errno
 import json
 import os
@@ -492,7 +491,7 @@ def test_texts_empty_after_cleaning_are_refused_naming_the_line(bench, tmp_path,
     recs, _ = data.read_manifest(bench / "pretrain")
     recs[1]["texts"] = [text]
     folder = _pretrain_copy(bench, tmp_path / "pretrain", recs)
-    with pytest.raises(data.ManifestError, match=rf"manifest.jsonl:2: field 'texts'"):
+    with pytest.raises(data.ManifestError, match=r"manifest.jsonl:2: field 'texts'"):
         train.main(args(bench, tmp_path / "run", data_dir=folder))
     ts = [{"id": "a", "split": "train", "source": "three word source", "target": text}]
     (tmp_path / "ts").mkdir()
