@@ -94,6 +94,6 @@ def test_findings_change_the_pixels():
         assert np.abs(img.astype(float) - clean).sum() > 64 * 64 * 0.5, change
 
 
-def test_rouge_l_hand_computed():
-    assert synth.rouge_l("the heart is big", "the heart is normal") == pytest.approx(0.75)
-    assert synth.rouge_l("a b c", "x y") == 0.0
+def test_constant_rouge_l_hand_computed():
+    assert synth.constant_rouge_l("the heart is big", ["the heart is normal"]) == pytest.approx(0.75)
+    assert synth.constant_rouge_l("a b c", ["x y"]) == 0.0
