@@ -355,6 +355,19 @@ def pick_sentence(texts: list[str], rng: random.Random) -> str:
     return sentences[rng.randrange(len(sentences))]
 
 
+TEXT_UNITS = ("sentence", "text")
+
+
+def pick_text(texts: list[str], rng: random.Random, unit: str) -> str:
+    """The pre-training text of one access: unit "sentence" is the official rule (pick_sentence);
+    unit "text" is one of `texts` (e.g. findings or impression), whole, chosen uniformly."""
+    if unit == "sentence":
+        return pick_sentence(texts, rng)
+    if unit == "text":
+        return clean_text(texts[rng.randrange(len(texts))])
+    raise ValueError(f"text unit {unit!r}: expected one of {TEXT_UNITS}")
+
+
 def locate_tokenizer(data, explicit: str = "", text_encoder: str = "") -> Path:
     """The tokenizer of a run: `explicit` (--tokenizer), else the text encoder's Hugging Face folder
     (--text-init), else tokenizer.json in the task folder `data` or its parent (data/synth)."""
@@ -616,11 +629,15 @@ class _ImageDataset(torch.utils.data.Dataset):
 
 
 class PretrainDataset(_ImageDataset):
-    """Pre-training pairs: image + one random sentence of its texts per access (pick_sentence)."""
+    """Pre-training pairs: image + one random sentence (text_unit "sentence", the official rule)
+    or one whole text ("text") of its texts per access (pick_text)."""
 
     def __init__(self, folder, split, tokenizer, image_size, max_len, train, seed: int = 0,
-                 mlm_prob: float = 0.15):
+                 mlm_prob: float = 0.15, text_unit: str = "sentence"):
         super().__init__(folder, split, tokenizer, image_size, max_len, train)
+        if text_unit not in TEXT_UNITS:
+            raise ValueError(f"PretrainDataset: text_unit {text_unit!r}: expected one of {TEXT_UNITS}")
+        self.text_unit = text_unit
         if self.meta["task"] != "pretrain":
             raise ManifestError(f"{self.folder / 'meta.json'}: key 'task' is "
                                 f"{self.meta['task']!r}: expected 'pretrain'")
@@ -634,7 +651,7 @@ class PretrainDataset(_ImageDataset):
             rng = random.Random(seed if seed is not None else torch.randint(2**62, ()).item())
         else:
             rng = random.Random(f"{record['id']}")
-        text = pick_sentence(record["texts"], rng)
+        text = pick_text(record["texts"], rng, self.text_unit)
         return Sample(record["id"], image=image, text=text, skipped=skipped, seed=seed)
 
 

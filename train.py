@@ -13,6 +13,11 @@ The ViT has no dropout, so the true images' ViT output is computed once and reus
 (`PretrainStep.forward`); `reuse_vision=False` gives the naive four-ViT-pass step, kept for the
 equivalence test and `bench.py reuse`.
 
+From scratch (the tiny preset), the first `itc_warmup` fraction of steps runs passes 3-4 only
+(ITC alone, "align before fuse"): with MLM from the first step, the pooled [CLS] features that ITC
+and ITM read stay identical across the batch and both losses sit at chance (ln B, ln 2) for the
+whole run; after an ITC-only start they fall (README, "Learning from scratch").
+
 Everything about a run lives in its folder (--out): config.json (resolved configuration),
 metrics.jsonl (one line per logged step), checkpoint.safetensors (model, optimizer, scaler, step and
 data position, written atomically; `--resume` continues exactly from it: the random state of a step
@@ -48,8 +53,10 @@ from model import PRESETS, Config, PTUnifier, hf_text_fields, hf_vision_fields
 # Training defaults per model preset. The paper's learning rates (1e-5 encoders, 5e-5 the rest) are
 # for pre-trained encoders; the tiny preset trains from scratch on synthetic data and needs more.
 TRAIN_DEFAULTS = {
-    "tiny": dict(steps=600, batch_size=64, lr_encoder=5e-4, lr_other=5e-4, warmup=0.05),
-    "base": dict(steps=100_000, batch_size=256, lr_encoder=1e-5, lr_other=5e-5, warmup=0.1),
+    "tiny": dict(steps=600, batch_size=64, lr_encoder=5e-4, lr_other=5e-4, warmup=0.05,
+                 text_unit="text", itc_warmup=0.35),
+    "base": dict(steps=100_000, batch_size=256, lr_encoder=1e-5, lr_other=5e-5, warmup=0.1,
+                 text_unit="sentence", itc_warmup=0.0),
 }
 
 
@@ -73,7 +80,11 @@ class TrainConfig:
     mlm_weight: float = 1.0            # loss weights, official config: MLM 1, ITM 0.5, ITC 0.1
     itm_weight: float = 0.5
     itc_weight: float = 0.1
+    itc_warmup: float = -1.0           # fraction of steps at the start trained on ITC alone
+                                       # (-1: the preset's; tiny 0.35, base 0)
     mlm_prob: float = 0.15
+    text_unit: str = ""                # "sentence" (official: one random sentence) | "text" (one
+                                       # whole text); "": the preset's (tiny: text, base: sentence)
     image_size: int = 0                # 0: the preset's
     max_text_len: int = 0              # 0: the preset's
     workers: int = -1                  # DataLoader workers per rank (-1: 1 on CPU, 8 on CUDA)
@@ -94,13 +105,20 @@ class TrainConfig:
         return dataclasses.replace(
             self, steps=pick(self.steps, "steps"), batch_size=pick(self.batch_size, "batch_size"),
             lr_encoder=pick(self.lr_encoder, "lr_encoder"), lr_other=pick(self.lr_other, "lr_other"),
-            warmup=self.warmup if self.warmup >= 0 else d["warmup"])
+            warmup=self.warmup if self.warmup >= 0 else d["warmup"],
+            text_unit=pick(self.text_unit, "text_unit"),
+            itc_warmup=self.itc_warmup if self.itc_warmup >= 0 else d["itc_warmup"])
+
+    def itc_only(self, step: int) -> bool:
+        """Whether `step` (0-based) is in the ITC-only start of the run (resolved configs only)."""
+        return step < round(self.itc_warmup * self.steps)
 
 
 @dataclass
 class StepOutput:
-    """What one pre-training step returns: the three losses, their weighted sum (Eq. 10), and the
-    prompts chosen (for usage statistics and the gradient test)."""
+    """What one pre-training step returns: the losses that ran (MLM and ITM are None in an
+    ITC-only step), their weighted sum (Eq. 10), and the prompts chosen (for usage statistics
+    and the gradient test)."""
     losses: LossParts
     total: torch.Tensor
     textual_prompts: torch.Tensor  # [B, k_t] textual-pool entries chosen for the image-only pass
@@ -114,7 +132,7 @@ class PretrainStep(nn.Module):
         super().__init__()
         self.model, self.weights, self.reuse_vision = model, weights, reuse_vision
 
-    def forward(self, batch) -> StepOutput:
+    def forward(self, batch, itc_only: bool = False) -> StepOutput:
         m = self.model
         if self.reuse_vision:  # one ViT pass over the B true images: [B, 1+N, D_v] and query [B, D_v]
             states, query = m.encode_image(batch.pixel_values, return_query=True)
@@ -126,15 +144,17 @@ class PretrainStep(nn.Module):
                 return dict(image_states=states[rows], image_query=query[rows])
             return dict(pixel_values=batch.pixel_values[rows])
 
-        # 1. MLM (Eq. 5): masked text + its image; the head runs only on masked positions.
-        out = m(input_ids=batch.mlm_input_ids, attention_mask=batch.attention_mask, **image())
-        masked = batch.mlm_labels != -100                                    # [B, L]
-        l_mlm = mlm_loss(m.mlm_head(out.text[masked]), batch.mlm_labels[masked])
+        l_mlm = l_itm = None
+        if not itc_only:
+            # 1. MLM (Eq. 5): masked text + its image; the head runs only on masked positions.
+            out = m(input_ids=batch.mlm_input_ids, attention_mask=batch.attention_mask, **image())
+            masked = batch.mlm_labels != -100                                    # [B, L]
+            l_mlm = mlm_loss(m.mlm_head(out.text[masked]), batch.mlm_labels[masked])
 
-        # 2. ITM (Eq. 6): text i with image itm_image_index[i] (itself, or another image of the batch).
-        out = m(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                **image(batch.itm_image_index))
-        l_itm = itm_loss(m.itm_head(out.joint), batch.itm_labels)
+            # 2. ITM (Eq. 6): text i with image itm_image_index[i] (itself or another batch image).
+            out = m(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    **image(batch.itm_image_index))
+            l_itm = itm_loss(m.itm_head(out.joint), batch.itm_labels)
 
         # 3-4. ITC (Eq. 7-9): image-only pass (textual prompts) against text-only pass (visual prompts).
         image_only = m(**image())
@@ -311,6 +331,10 @@ def parse_args(argv=None) -> TrainConfig:
         "workers": "DataLoader workers per process; 0 loads in the main process",
         "resume": "continue exactly from OUT/checkpoint.safetensors",
         "compile": "torch.compile the model (CUDA; slow to start, faster steps)",
+        "itc_warmup": "fraction of the steps, at the start, that train ITC alone (-1: preset's; tiny 0.35, "
+                      "base 0); lets a from-scratch model align before MLM and ITM join",
+        "text_unit": "pre-training text per access: 'sentence' (official) or 'text' (a whole text); "
+                     "'' takes the preset's (tiny: text, base: sentence)",
     })
 
 
@@ -335,14 +359,16 @@ def train(cfg: TrainConfig) -> dict:
                          f"x {rt.world} processes")
 
     dataset = PretrainDataset(cfg.data, "train", tokenizer, mcfg.image_size, mcfg.max_text_len,
-                              train=True, mlm_prob=cfg.mlm_prob, seed=cfg.seed)
+                              train=True, mlm_prob=cfg.mlm_prob, seed=cfg.seed,
+                              text_unit=cfg.text_unit)
     optimizer = make_optimizer(model, cfg, rt.device)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
     step_module = PretrainStep(model, LossWeights(cfg.mlm_weight, cfg.itm_weight, cfg.itc_weight))
     runner = step_module
     if rt.world > 1:
         runner = DistributedDataParallel(step_module, device_ids=[rt.local_rank] if rt.device.type == "cuda"
-                                         else None, gradient_as_bucket_view=True, bucket_cap_mb=100)
+                                         else None, gradient_as_bucket_view=True, bucket_cap_mb=100,
+                                         find_unused_parameters=cfg.itc_warmup > 0)
     if cfg.compile:
         runner = torch.compile(runner)
 
@@ -370,7 +396,8 @@ def train(cfg: TrainConfig) -> dict:
         while state["step"] < cfg.steps:
             set_lr(optimizer, state["step"], cfg)
             seed_step(cfg.seed, rt.rank, state["step"])
-            running, n_samples = accumulate_gradients(runner, batches, accum, scaler, rt, bad_images, usage)
+            running, n_samples = accumulate_gradients(runner, batches, accum, scaler, rt, bad_images, usage,
+                                                      cfg.itc_only(state["step"]))
             bad, stopping = any_rank([not torch.isfinite(running['loss']).item(), stop.received is not None], rt)
             if bad:
                 optimizer.zero_grad(set_to_none=True)
@@ -393,8 +420,8 @@ def train(cfg: TrainConfig) -> dict:
                            lr=optimizer.param_groups[-1]["lr"], samples_per_s=samples_since / (now - t_last),
                            skipped_steps=state["skipped_steps"])
                 t_last, samples_since = now, 0
-                bar.set_postfix(loss=f"{row['loss']:.3f}", mlm=f"{row['mlm']:.2f}", itm=f"{row['itm']:.2f}",
-                                itc=f"{row['itc']:.2f}", sps=f"{row['samples_per_s']:.0f}")
+                bar.set_postfix(**{k: f"{row[k]:.3f}" for k in ("loss", "mlm", "itm", "itc") if k in row},
+                                sps=f"{row['samples_per_s']:.0f}")
                 if log:
                     log.write(json.dumps(row) + "\n")
                     log.flush()
@@ -427,9 +454,9 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def accumulate_gradients(runner, batches, accum: int, scaler, rt: Runtime, bad_images: SkipTracker,
-                         usage: "PromptUsage") -> tuple[dict[str, torch.Tensor], int]:
+                         usage: "PromptUsage", itc_only: bool = False) -> tuple[dict[str, torch.Tensor], int]:
     """Forward and backward over `accum` micro-batches (DDP syncs gradients on the last one only);
-    returns the mean detached losses and the number of samples seen."""
+    returns the mean detached losses that ran and the number of samples seen."""
     running, n_samples = None, 0
     for i in range(accum):
         batch = next(batches)
@@ -441,7 +468,7 @@ def accumulate_gradients(runner, batches, accum: int, scaler, rt: Runtime, bad_i
         defer_sync = rt.world > 1 and i < accum - 1
         with (runner.no_sync() if defer_sync else nullcontext()), \
                 torch.autocast(rt.device.type, dtype=rt.amp_dtype, enabled=rt.amp_dtype is not None):
-            out = runner(batch)
+            out = runner(batch, itc_only)
         scaler.scale(out.total / accum).backward()
         running = step_mean(running, out, accum)
         usage.add(out)
@@ -462,7 +489,7 @@ def apply_update(model: nn.Module, optimizer, scaler, clip_grad: float) -> None:
 def step_mean(acc: dict | None, out: StepOutput, accum: int) -> dict[str, torch.Tensor]:
     """Running mean of the detached losses over the micro-batches of one step (no host sync)."""
     d = dict(loss=out.total, mlm=out.losses.mlm, itm=out.losses.itm, itc=out.losses.itc)
-    d = {k: v.detach() / accum for k, v in d.items()}
+    d = {k: v.detach() / accum for k, v in d.items() if v is not None}
     return d if acc is None else {k: v + acc[k] for k, v in d.items()}
 
 

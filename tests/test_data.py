@@ -228,6 +228,15 @@ def test_pick_sentence_rule():
     assert data.pick_sentence(["Too short"], random.Random(0)) == "Too short"
 
 
+def test_pick_text_units():
+    texts = ["Findings one.  Two\tsentences here.", "Impression text."]
+    seen = {data.pick_text(texts, random.Random(i), "text") for i in range(100)}
+    assert seen == {"Findings one. Two sentences here.", "Impression text."}  # whole and cleaned
+    assert data.pick_text(texts, random.Random(3), "sentence") == data.pick_sentence(texts, random.Random(3))
+    with pytest.raises(ValueError, match="'word'"):
+        data.pick_text(texts, random.Random(0), "word")
+
+
 # ----------------------------------------------------------------------------- MLM / ITM
 
 def test_mlm_masking_statistics_and_invariants(bpe_folder):

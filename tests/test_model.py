@@ -264,7 +264,7 @@ def test_fully_real_batches_use_no_attention_mask(monkeypatch):
 
 
 def test_heads_and_temperature():
-    model = PTUnifier(PRESETS["tiny"])
+    model = PTUnifier(dataclasses.replace(PRESETS["tiny"], temperature=0.1, learnable_temperature=False))
     assert model.mlm_head.decoder.weight is model.text.word_embeddings.weight
     assert model.logit_scale().item() == pytest.approx(10.0)
     assert "log_scale" not in dict(model.named_parameters())
@@ -275,6 +275,27 @@ def test_heads_and_temperature():
     head = ClassifierHead(12, 5)
     assert [type(m).__name__ for m in head.children()] == ["Linear", "LayerNorm", "Linear"]
     assert head(torch.randn(3, 12)).shape == (3, 5)
+
+
+def test_clip_init_lets_the_class_token_read_the_images():
+    """README "Learning from scratch", cause 1: under a uniform std-0.02 init the ViT class token's
+    output barely differs between images; CLIP's init makes it vary an order of magnitude more."""
+    def class_token_spread(model):  # across-batch variance / second moment of the class token
+        with torch.no_grad():
+            cls = model.encode_image(torch.randn(64, 3, 64, 64))[:, 0]
+        return (cls.var(0).sum() / (cls ** 2).mean(0).sum()).item()
+
+    torch.manual_seed(0)
+    clip_init = PTUnifier(PRESETS["tiny"])
+    torch.manual_seed(0)
+    uniform = PTUnifier(PRESETS["tiny"])
+    model_module._init_weights(uniform.vision)
+    uniform.vision.class_embedding.data.normal_(0, 0.02)
+    assert class_token_spread(clip_init) > 10 * class_token_spread(uniform)
+    D, layers = 128, PRESETS["tiny"].vision_layers
+    assert clip_init.vision.blocks[0].attn.out.weight.std().item() == pytest.approx(D ** -0.5, rel=0.05)
+    assert clip_init.vision.blocks[0].attn.qkv.weight.std().item() == pytest.approx(
+        D ** -0.5 * (2 * layers) ** -0.5, rel=0.05)
 
 
 def test_param_groups_cover_every_parameter_once():

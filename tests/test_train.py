@@ -81,6 +81,31 @@ def test_gradients_reach_exactly_the_selected_prompts(synth_dir):
         assert torch.equal(touched, expected)
 
 
+def test_itc_only_step_runs_passes_3_and_4_only(synth_dir):
+    """The warm-up step: ITC alone (same value as in the full step), no MLM/ITM pass, heads untouched."""
+    tok = Tokenizer.load(synth_dir / "tokenizer.json")
+    model = tiny_model(tok).eval()
+    batch = first_batch(synth_dir, tok, model)
+    full = train.PretrainStep(model, LossWeights())(batch)
+    model.zero_grad()
+    warm = train.PretrainStep(model, LossWeights())(batch, itc_only=True)
+    warm.total.backward()
+    assert warm.losses.mlm is None and warm.losses.itm is None
+    torch.testing.assert_close(warm.losses.itc, full.losses.itc, rtol=0, atol=1e-6)
+    torch.testing.assert_close(warm.total, 0.1 * full.losses.itc, rtol=0, atol=1e-6)
+    heads = [*model.mlm_head.dense.parameters(), *model.mlm_head.norm.parameters(), *model.itm_head.parameters()]
+    assert all(p.grad is None for p in heads)  # (the MLM decoder is tied to the word embeddings)
+    assert model.itc_image.proj.weight.grad.abs().sum() > 0
+
+
+def test_itc_warmup_covers_the_first_steps_of_tiny_only():
+    tiny = train.TrainConfig(preset="tiny", steps=600).resolved()
+    assert [tiny.itc_only(s) for s in (0, 209, 210, 599)] == [True, True, False, False]
+    base = train.TrainConfig(preset="base", steps=1000).resolved()
+    assert not base.itc_only(0) and base.text_unit == "sentence"
+    assert train.TrainConfig(preset="tiny", itc_warmup=0.0).resolved().itc_only(0) is False
+
+
 def test_resume_is_exact(synth_dir, tmp_path, monkeypatch):
     """N steps straight == K steps, stop (as on SIGTERM), resume, N-K steps: identical parameters.
 
