@@ -101,13 +101,13 @@ class TrainConfig:
     def resolved(self) -> "TrainConfig":
         """Fill the preset-dependent zeros with the preset's defaults."""
         d = TRAIN_DEFAULTS.get(self.preset, TRAIN_DEFAULTS["base"])
-        pick = lambda v, key: v if v else d[key]  # noqa: E731
+        pick = lambda v, key: v if v else d[key]  # noqa: E731  (0 / "" = preset's)
+        fraction = lambda v, key: v if v >= 0 else d[key]  # noqa: E731  (-1 = preset's; 0 is valid)
         return dataclasses.replace(
             self, steps=pick(self.steps, "steps"), batch_size=pick(self.batch_size, "batch_size"),
             lr_encoder=pick(self.lr_encoder, "lr_encoder"), lr_other=pick(self.lr_other, "lr_other"),
-            warmup=self.warmup if self.warmup >= 0 else d["warmup"],
-            text_unit=pick(self.text_unit, "text_unit"),
-            itc_warmup=self.itc_warmup if self.itc_warmup >= 0 else d["itc_warmup"])
+            text_unit=pick(self.text_unit, "text_unit"), warmup=fraction(self.warmup, "warmup"),
+            itc_warmup=fraction(self.itc_warmup, "itc_warmup"))
 
     def itc_only(self, step: int) -> bool:
         """Whether `step` (0-based) is in the ITC-only start of the run (resolved configs only)."""

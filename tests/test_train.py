@@ -35,9 +35,9 @@ def tiny_model(tokenizer, **overrides):
     return PTUnifier(cfg)
 
 
-def first_batch(synth_dir, tokenizer, model, n=8):
+def first_batch(synth_dir, tokenizer, model, n=8, text_unit="sentence"):
     ds = PretrainDataset(synth_dir / "pretrain", "train", tokenizer, model.config.image_size,
-                         model.config.max_text_len, train=True, seed=0)
+                         model.config.max_text_len, train=True, seed=0, text_unit=text_unit)
     return next(iter(make_train_stream(ds, n, seed=0, num_workers=0)))
 
 
@@ -103,9 +103,7 @@ def test_the_step_fits_one_batch_with_all_three_objectives(synth_dir):
     well below its chance level (ITC ln 16 = 2.77, ITM ln 2 = 0.69; MLM starts at ln V ~ 7)."""
     tok = Tokenizer.load(synth_dir / "tokenizer.json")
     model = tiny_model(tok)
-    ds = PretrainDataset(synth_dir / "pretrain", "train", tok, model.config.image_size,
-                         model.config.max_text_len, train=True, seed=0, text_unit="text")
-    batch = next(iter(make_train_stream(ds, 16, seed=0, num_workers=0)))
+    batch = first_batch(synth_dir, tok, model, n=16, text_unit="text")
     step = train.PretrainStep(model, LossWeights())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for i in range(80):
