@@ -333,10 +333,16 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028\u2029\ufeff]")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
-def clean_text(text: str) -> str:
-    """Replace control/format characters by spaces, collapse whitespace runs, trim."""
-    text = _CONTROL.sub(" ", unicodedata.normalize("NFC", text))
+def clean_text(text: str | None) -> str:
+    """Replace control/format characters by spaces, collapse whitespace runs, trim; None -> ''."""
+    text = _CONTROL.sub(" ", unicodedata.normalize("NFC", text or ""))
     return " ".join(text.split())
+
+
+def normalize_answer(answer) -> str:
+    """The one VQA answer rule, used by prepare.py (vocabulary) and the metric (evaluate.py):
+    str, `clean_text`, lower-case, trailing '.', '?', '!' dropped."""
+    return clean_text(str(answer)).lower().rstrip(".?!").strip()
 
 
 def split_sentences(text: str) -> list[str]:

@@ -35,7 +35,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from data import TaskDataset, make_loader, read_manifest
+from data import TaskDataset, make_loader, normalize_answer, read_manifest
 
 # ---------------------------------------------------------------------------------------------
 # Section 1: metrics
@@ -126,11 +126,6 @@ class VQAScores:
     n_open: int
     n_closed: int
     n_gold_out_of_vocab: int      # questions whose gold answer is not in the vocabulary (counted wrong)
-
-
-def normalize_answer(answer: str) -> str:
-    """VQA answer normalisation: lower-case, collapse whitespace, drop trailing '.', '?', '!'."""
-    return " ".join(answer.lower().split()).rstrip(".?!").strip()
 
 
 def vqa_accuracy(pred_answers: Sequence[str], gold_answers: Sequence[str],

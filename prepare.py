@@ -37,8 +37,8 @@ Conventions (DATASETS.md, the PTUnifier/M3AE preprocessing):
 - texts are grouped by image; a record whose image file is missing is dropped and counted.
 - every seeded choice uses random.Random(--seed) on a sorted list, so reruns give the same split.
 - splits are checked disjoint (by image for image-level tasks, by id otherwise) before writing.
-- VQA answers are normalised by `normalize_answer`: lower-case, whitespace collapsed, trimmed,
-  trailing periods removed. The answer vocabulary comes from train + val only; meta.json counts
+- VQA answers are normalised by `data.normalize_answer`, the rule the VQA metric applies too:
+  lower-case, control characters and whitespace runs collapsed, trimmed, trailing '.?!' removed. The answer vocabulary comes from train + val only; meta.json counts
   the test answers outside it ("test_answers_outside_vocab"); they can only be scored as wrong.
 - meta.json holds "counts" (per split), "dropped" ({reason: n}; "short_text" counts texts,
   "no_text" the records left without any text, other reasons count records), "seed", "source",
@@ -56,7 +56,7 @@ import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from data import MIN_WORDS, write_manifest
+from data import MIN_WORDS, clean_text, normalize_answer, write_manifest
 
 
 class PrepareError(ValueError):
@@ -76,11 +76,6 @@ class Output:
 
 # ----------------------------------------------------------------------------- shared helpers
 
-def clean_text(text) -> str:
-    """Collapse runs of whitespace and trim; None becomes ''."""
-    return " ".join((text or "").split())
-
-
 def long_enough(text: str) -> bool:
     return len(text.split()) >= MIN_WORDS
 
@@ -94,11 +89,6 @@ def keep_texts(texts, dropped: Counter) -> list[str]:
         elif text:
             kept.append(text)
     return kept
-
-
-def normalize_answer(answer) -> str:
-    """VQA answer normalisation: str, lower-case, collapse whitespace, trim, drop trailing '.'."""
-    return clean_text(str(answer).lower()).rstrip(".").strip()
 
 
 def seeded_holdout(keys, sizes: dict, seed: int) -> dict:

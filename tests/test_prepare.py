@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import data
 import prepare
 from data import read_manifest
 from prepare import PrepareError
@@ -63,11 +64,12 @@ def assert_images_exist(records, meta):
 # ----------------------------------------------------------------------------- shared helpers
 
 def test_clean_text_and_answer_normalisation():
-    assert prepare.clean_text("  a\t b\n\nc  ") == "a b c"
-    assert prepare.clean_text(None) == ""
-    assert prepare.normalize_answer("  Left  Lung. ") == "left lung"
-    assert prepare.normalize_answer("Yes") == "yes"
-    assert prepare.normalize_answer(2) == "2"
+    assert data.clean_text("  a\t b\n\nc  ") == "a b c"
+    assert data.clean_text(None) == ""
+    assert data.normalize_answer("  Left  Lung. ") == "left lung"
+    assert data.normalize_answer("Yes") == "yes"
+    assert data.normalize_answer(2) == "2"
+    assert data.normalize_answer("Right\u200b lung?") == "right lung"
 
 
 def test_seeded_holdout_is_deterministic_disjoint_and_sized():
@@ -421,6 +423,7 @@ def test_vqa_rad(tmp_path):
     for name in ("a.jpg", "b.jpg"):
         jpg(src / "VQA_RAD Image Folder" / name)
     entries = [vqa_rad_entry(i, "a.jpg", "Yes" if i % 2 else "No.", "freeform") for i in range(8)]
+    entries[1]["answer"] = "Yes?"  # the metric's rule (data.normalize_answer): the same class as "yes"
     entries += [vqa_rad_entry(8, "b.jpg", "Left  Lung", "para", "OPEN"),
                 vqa_rad_entry(9, "a.jpg", "yes", "test_freeform"),
                 vqa_rad_entry(10, "b.jpg", "left lung.", "test_para", "OPEN"),
@@ -434,7 +437,7 @@ def test_vqa_rad(tmp_path):
     assert meta["answers"] == ["left lung", "no", "yes"]
     assert meta["test_answers_outside_vocab"] == 1  # "right kidney" only occurs in test
     assert recs["8"]["answer"] == "left lung" and recs["8"]["answer_type"] == "open"
-    assert recs["1"]["question"] == "Is there question 1?"
+    assert recs["1"]["question"] == "Is there question 1?" and recs["1"]["answer"] == "yes"
     assert {recs[q]["split"] for q in ("9", "10", "11")} == {"test"}
     assert_disjoint(records, "id")
 
