@@ -35,6 +35,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from datetime import timedelta
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,8 @@ from checkpoint import load_checkpoint, save_checkpoint
 from data import PretrainDataset, SkipTracker, Tokenizer, locate_tokenizer, make_train_stream
 from losses import LossParts, LossWeights, itc_loss, itm_loss, mlm_loss, total_loss
 from model import PRESETS, Config, PTUnifier, hf_text_fields, hf_vision_fields
+
+COLLECTIVE_TIMEOUT = timedelta(hours=2)  # longest a rank waits in one collective or barrier
 
 # Training defaults per model preset. The paper's learning rates (1e-5 encoders, 5e-5 the rest) are
 # for pre-trained encoders; the tiny preset trains from scratch on synthetic data and needs more.
@@ -214,8 +217,9 @@ def setup_runtime(device: str = "auto") -> Runtime:
     want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if world > 1:
-        dist.init_process_group("nccl" if want_cuda else "gloo")
+    if world > 1:  # other ranks wait at a barrier while rank 0 saves or evaluates (fine-tuning's
+        # val generation can take longer than NCCL's 10-minute default), hence the long timeout
+        dist.init_process_group("nccl" if want_cuda else "gloo", timeout=COLLECTIVE_TIMEOUT)
     if want_cuda:
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)

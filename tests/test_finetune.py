@@ -1,8 +1,13 @@
 """Fine-tuning: task heads and losses against hand computations, short runs end to end, best-epoch
 selection on val only, test evaluated once on the best checkpoint, VQA out-of-vocabulary answers,
-and clear errors for label-count and vocabulary mismatches."""
+clear errors for label-count and vocabulary mismatches, and a 2-process DDP run."""
 import dataclasses
 import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +19,8 @@ from data import TaskDataset, Tokenizer, make_loader, read_manifest, write_manif
 from losses import itc_loss
 from model import PRESETS, PTUnifier
 from train import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -212,3 +219,26 @@ def test_vocabulary_mismatch_is_a_clear_error(bench, tmp_path):
     cfg = run_cfg(root, "tc", tmp_path / "run", init=str(tmp_path / "other.safetensors"))
     with pytest.raises(SystemExit, match=rf"vocab_size={tok.vocab_size + 7}.*vocab_size={tok.vocab_size}"):
         ft.finetune(cfg)
+
+
+def test_two_process_ddp_fine_tuning_uses_global_negatives(bench, tmp_path):
+    """torchrun with 2 gloo processes fine-tunes retrieval; rank 0 alone reports and writes.
+
+    Global batch 8 = 2 ranks x 4: at the start, with unaligned embeddings, ITC over the gathered
+    batch is near ln 8 = 2.08; a per-rank loss would be near ln 4 = 1.39.
+    """
+    root, _ = bench
+    out = tmp_path / "ddp"
+    args = ["--task", "retrieval", "--data", str(root / "retrieval"), "--init", str(root / "pre.safetensors"),
+            "--out", str(out), "--epochs", "1", "--batch-size", "8", "--max-steps-per-epoch", "2",
+            "--eval-batch", "32", "--workers", "0"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--standalone", str(ROOT / "finetune.py"), *args],
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["task"] == "retrieval" and saved["best_epoch"] == 1
+    assert {"i2t_r1", "t2i_r1", "mean_recall"} <= set(saved["test"])
+    assert abs(saved["history"][0]["train_loss"] - math.log(8)) < 0.25
+    assert proc.stdout.count("test, best epoch") == 1  # printed by rank 0 only
