@@ -38,8 +38,9 @@ Conventions (DATASETS.md, the PTUnifier/M3AE preprocessing):
 - every seeded choice uses random.Random(--seed) on a sorted list, so reruns give the same split.
 - splits are checked disjoint (by image for image-level tasks, by id otherwise) before writing.
 - VQA answers are normalised by `data.normalize_answer`, the rule the VQA metric applies too:
-  lower-case, control characters and whitespace runs collapsed, trimmed, trailing '.?!' removed. The answer vocabulary comes from train + val only; meta.json counts
-  the test answers outside it ("test_answers_outside_vocab"); they can only be scored as wrong.
+  lower-case, control characters and whitespace runs collapsed, trimmed, trailing '.?!' removed.
+  The answer vocabulary comes from train + val only; meta.json counts the test answers outside it
+  ("test_answers_outside_vocab"); they can only be scored as wrong.
 - meta.json holds "counts" (per split), "dropped" ({reason: n}; "short_text" counts texts,
   "no_text" the records left without any text, other reasons count records), "seed", "source",
   "image_root" (absolute path of the release folder, or of --out for converted images);
