@@ -13,10 +13,12 @@ The ViT has no dropout, so the true images' ViT output is computed once and reus
 (`PretrainStep.forward`); `reuse_vision=False` gives the naive four-ViT-pass step, kept for the
 equivalence test and `bench.py reuse`.
 
-From scratch (the tiny preset), the first `itc_warmup` fraction of steps runs passes 3-4 only
-(ITC alone, "align before fuse"): with MLM from the first step, the pooled [CLS] features that ITC
-and ITM read stay identical across the batch and both losses sit at chance (ln B, ln 2) for the
-whole run; after an ITC-only start they fall (README, "Learning from scratch").
+From scratch (the tiny preset), the run starts with passes 3-4 only (ITC alone, "align before
+fuse"): with MLM from the first step, the pooled [CLS] features that ITC and ITM read stay identical
+across the batch and both losses sit at chance (ln B, ln 2) for the whole run; after an ITC-only
+start they fall (README, "Learning from scratch"). When ITC leaves chance varies from run to run,
+so the start ends once a moving average of the ITC loss is `itc_escape` nats below ln B, and after
+`itc_warmup` of the steps at the latest.
 
 Everything about a run lives in its folder (--out): config.json (resolved configuration),
 metrics.jsonl (one line per logged step), checkpoint.safetensors (model, optimizer, scaler, step and
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import random
 import signal
@@ -57,9 +60,9 @@ COLLECTIVE_TIMEOUT = timedelta(hours=2)  # longest a rank waits in one collectiv
 # for pre-trained encoders; the tiny preset trains from scratch on synthetic data and needs more.
 TRAIN_DEFAULTS = {
     "tiny": dict(steps=600, batch_size=64, lr_encoder=5e-4, lr_other=5e-4, warmup=0.05,
-                 text_unit="text", itc_warmup=0.35),
+                 text_unit="text", itc_warmup=0.5, itc_escape=0.2),
     "base": dict(steps=100_000, batch_size=256, lr_encoder=1e-5, lr_other=5e-5, warmup=0.1,
-                 text_unit="sentence", itc_warmup=0.0),
+                 text_unit="sentence", itc_warmup=0.0, itc_escape=0.0),
 }
 
 
@@ -83,8 +86,10 @@ class TrainConfig:
     mlm_weight: float = 1.0            # loss weights, official config: MLM 1, ITM 0.5, ITC 0.1
     itm_weight: float = 0.5
     itc_weight: float = 0.1
-    itc_warmup: float = -1.0           # fraction of steps at the start trained on ITC alone
-                                       # (-1: the preset's; tiny 0.35, base 0)
+    itc_warmup: float = -1.0           # most steps at the start trained on ITC alone, as a fraction
+                                       # (-1: the preset's; tiny 0.5, base 0)
+    itc_escape: float = -1.0           # the ITC-only start ends once the ITC moving average is this
+                                       # many nats below ln B (0: never early; -1: preset's, tiny 0.2)
     mlm_prob: float = 0.15
     text_unit: str = ""                # "sentence" (official: one random sentence) | "text" (one
                                        # whole text); "": the preset's (tiny: text, base: sentence)
@@ -110,11 +115,12 @@ class TrainConfig:
             self, steps=pick(self.steps, "steps"), batch_size=pick(self.batch_size, "batch_size"),
             lr_encoder=pick(self.lr_encoder, "lr_encoder"), lr_other=pick(self.lr_other, "lr_other"),
             text_unit=pick(self.text_unit, "text_unit"), warmup=fraction(self.warmup, "warmup"),
-            itc_warmup=fraction(self.itc_warmup, "itc_warmup"))
+            itc_warmup=fraction(self.itc_warmup, "itc_warmup"),
+            itc_escape=fraction(self.itc_escape, "itc_escape"))
 
-    def itc_only(self, step: int) -> bool:
-        """Whether `step` (0-based) is in the ITC-only start of the run (resolved configs only)."""
-        return step < round(self.itc_warmup * self.steps)
+    def itc_only_steps(self) -> int:
+        """The longest ITC-only start, in steps (resolved configs only)."""
+        return round(self.itc_warmup * self.steps)
 
 
 @dataclass
@@ -335,8 +341,10 @@ def parse_args(argv=None) -> TrainConfig:
         "workers": "DataLoader workers per process; 0 loads in the main process",
         "resume": "continue exactly from OUT/checkpoint.safetensors",
         "compile": "torch.compile the model (CUDA; slow to start, faster steps)",
-        "itc_warmup": "fraction of the steps, at the start, that train ITC alone (-1: preset's; tiny 0.35, "
+        "itc_warmup": "most steps, as a fraction, at the start that train ITC alone (-1: preset's; tiny 0.5, "
                       "base 0); lets a from-scratch model align before MLM and ITM join",
+        "itc_escape": "MLM and ITM join as soon as the ITC moving average is this many nats below ln B "
+                      "(chance); 0: the ITC-only start runs all its steps (-1: preset's; tiny 0.2)",
         "text_unit": "pre-training text per access: 'sentence' (official) or 'text' (a whole text); "
                      "'' takes the preset's (tiny: text, base: sentence)",
     })
@@ -376,9 +384,11 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.compile:
         runner = torch.compile(runner)
 
-    state = dict(step=0, epoch=0, batch_in_epoch=0, bad_steps=0, skipped_steps=0)
+    chance = math.log(micro * rt.world)  # ITC at chance: ln of the columns of one micro-batch
+    state = dict(step=0, epoch=0, batch_in_epoch=0, bad_steps=0, skipped_steps=0,
+                 itc_only_until=cfg.itc_only_steps(), itc_average=chance)
     if cfg.resume:
-        state = load_checkpoint(out / "checkpoint.safetensors", model, optimizer, scaler, expect_train=cfg)
+        state.update(load_checkpoint(out / "checkpoint.safetensors", model, optimizer, scaler, expect_train=cfg))
     if rt.master:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(
@@ -400,8 +410,9 @@ def train(cfg: TrainConfig) -> dict:
         while state["step"] < cfg.steps:
             set_lr(optimizer, state["step"], cfg)
             seed_step(cfg.seed, rt.rank, state["step"])
+            itc_only = state["step"] < state["itc_only_until"]
             running, n_samples = accumulate_gradients(runner, batches, accum, scaler, rt, bad_images, usage,
-                                                      cfg.itc_only(state["step"]))
+                                                      itc_only)
             bad, stopping = any_rank([not torch.isfinite(running['loss']).item(), stop.received is not None], rt)
             if bad:
                 optimizer.zero_grad(set_to_none=True)
@@ -416,6 +427,15 @@ def train(cfg: TrainConfig) -> dict:
                 state["bad_steps"] = 0
                 apply_update(model, optimizer, scaler, cfg.clip_grad)
             state["step"] += 1
+            if itc_only and not bad and cfg.itc_escape > 0:
+                if end_itc_start(state, mean_over_ranks(running["itc"], rt), chance, cfg.itc_escape):
+                    print0(rt, f"\nstep {state['step']}: ITC left chance (moving average "
+                               f"{state['itc_average']:.3f} <= ln {micro * rt.world} - {cfg.itc_escape}); "
+                               "MLM and ITM join")
+                elif state["step"] == state["itc_only_until"]:
+                    print0(rt, f"\nwarning: the ITC-only start ended at step {state['step']} with ITC still "
+                               f"near chance (moving average {state['itc_average']:.3f}, ln {micro * rt.world} "
+                               f"= {chance:.3f}); retrieval will stay near chance (try another --seed)")
             samples_since += n_samples * rt.world
             bar.update(1)
             if state["step"] % cfg.log_every == 0 or state["step"] == cfg.steps:
@@ -442,7 +462,8 @@ def train(cfg: TrainConfig) -> dict:
         if rt.master or bad_images.paths:  # each rank reads (and reports) its own shard
             print(f"[rank {rt.rank}] " * (rt.world > 1) + skipped_report(bad_images), flush=True)
 
-        result = dict(step=state["step"], skipped_steps=state["skipped_steps"], **usage.summary())
+        result = dict(step=state["step"], skipped_steps=state["skipped_steps"],
+                      itc_only_steps=min(state["itc_only_until"], cfg.steps), **usage.summary())
         print0(rt, "prompts selected at least once during training (this process, this session): "
                    f"{result['train_textual_prompts_used']} textual and {result['train_visual_prompts_used']} "
                    f"visual of {mcfg.pool_size} each")
@@ -478,6 +499,26 @@ def accumulate_gradients(runner, batches, accum: int, scaler, rt: Runtime, bad_i
         usage.add(out)
         n_samples += len(batch.ids)
     return running, n_samples
+
+
+def end_itc_start(state: dict, itc: float, chance: float, margin: float, decay: float = 0.9) -> bool:
+    """Adaptive end of the ITC-only start, after each of its steps: the moving average
+    a <- decay a + (1 - decay) ITC starts at chance (ln B); once a <= ln B - margin, the start ends
+    with the step just taken. The average lives in `state`, so a resumed run decides the same."""
+    state["itc_average"] = decay * state["itc_average"] + (1 - decay) * itc
+    if state["itc_average"] <= chance - margin:
+        state["itc_only_until"] = state["step"]
+        return True
+    return False
+
+
+def mean_over_ranks(value: torch.Tensor, rt: Runtime) -> float:
+    """The mean of a scalar over all ranks, on the host (every rank gets the same float)."""
+    value = value.detach().float().clone()
+    if rt.world > 1:
+        dist.all_reduce(value)
+        value /= rt.world
+    return value.item()
 
 
 def apply_update(model: nn.Module, optimizer, scaler, clip_grad: float) -> None:

@@ -1,6 +1,7 @@
 """Pre-training loop: ViT reuse equivalence, exact resume, signals, DDP, prompt gradients, learning."""
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -100,12 +101,13 @@ def test_itc_only_step_runs_passes_3_and_4_only(synth_dir):
 
 def test_the_step_fits_one_batch_with_all_three_objectives(synth_dir):
     """Wiring: 40 ITC-only steps, then 40 full steps on one fixed batch of 16 pairs bring every loss
-    well below its chance level (ITC ln 16 = 2.77, ITM ln 2 = 0.69; MLM starts at ln V ~ 7)."""
+    well below its chance level (ITC ln 16 = 2.77, ITM ln 2 = 0.69; MLM starts at ln V ~ 7), at the
+    tiny recipe's learning rate."""
     tok = Tokenizer.load(synth_dir / "tokenizer.json")
     model = tiny_model(tok)
     batch = first_batch(synth_dir, tok, model, n=16, text_unit="text")
     step = train.PretrainStep(model, LossWeights())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train.TRAIN_DEFAULTS["tiny"]["lr_other"])
     for i in range(80):
         out = step(batch, itc_only=i < 40)
         optimizer.zero_grad()
@@ -118,10 +120,25 @@ def test_the_step_fits_one_batch_with_all_three_objectives(synth_dir):
 
 def test_itc_warmup_covers_the_first_steps_of_tiny_only():
     tiny = train.TrainConfig(preset="tiny", steps=600).resolved()
-    assert [tiny.itc_only(s) for s in (0, 209, 210, 599)] == [True, True, False, False]
+    assert (tiny.itc_only_steps(), tiny.itc_escape) == (300, 0.2)
     base = train.TrainConfig(preset="base", steps=1000).resolved()
-    assert not base.itc_only(0) and base.text_unit == "sentence"
-    assert train.TrainConfig(preset="tiny", itc_warmup=0.0).resolved().itc_only(0) is False
+    assert base.itc_only_steps() == 0 and base.text_unit == "sentence"
+    assert train.TrainConfig(preset="tiny", itc_warmup=0.0).resolved().itc_only_steps() == 0
+
+
+def test_itc_start_ends_when_the_moving_average_is_margin_below_chance():
+    """a_t = 0.9 a_(t-1) + 0.1 ITC_t from a_0 = ln 64 = 4.1589; margin 0.2 -> end once a_t <= 3.9589.
+    By hand: ITC 4.16 keeps a at 4.159; then ITC 3.0 steps a to 4.0431, 3.9388 (ends: step 3)."""
+    chance = math.log(64)
+    state = dict(step=0, itc_only_until=300, itc_average=chance)
+    ended = []
+    for itc in (4.16, 3.0, 3.0, 3.0):
+        state["step"] += 1
+        ended.append(train.end_itc_start(state, itc, chance, 0.2))
+        if ended[-1]:
+            break
+    assert ended == [False, False, True]
+    assert state["itc_only_until"] == 3 and state["itc_average"] == pytest.approx(3.93874, abs=1e-4)
 
 
 def test_resume_is_exact(synth_dir, tmp_path, monkeypatch):
@@ -155,6 +172,8 @@ def test_resume_is_exact(synth_dir, tmp_path, monkeypatch):
     meta_a, a = read_checkpoint(tmp_path / "straight" / "checkpoint.safetensors")
     meta_b, b = read_checkpoint(tmp_path / "split" / "checkpoint.safetensors")
     assert meta_a["state"]["step"] == meta_b["state"]["step"] == n
+    assert meta_a["state"] == meta_b["state"]  # incl. the ITC moving average of the ITC-only start
+    assert 0 < meta_a["state"]["itc_only_until"] < n and meta_a["state"]["itc_average"] != math.log(8)
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
