@@ -130,7 +130,7 @@ FT_DEFAULTS = {
              "retrieval": dict(epochs=10, batch_size=128, **PAPER_LR)},
     "tiny": {"ic": dict(epochs=2, batch_size=64, **TINY_LR),
              "tc": dict(epochs=3, batch_size=64, **TINY_LR),
-             "vqa": dict(epochs=1, batch_size=64, **TINY_LR),
+             "vqa": dict(epochs=3, batch_size=64, **TINY_LR),
              "ts": dict(epochs=2, batch_size=64, **TINY_LR),
              "itg": dict(epochs=2, batch_size=64, **TINY_LR),
              "retrieval": dict(epochs=2, batch_size=64, **TINY_LR)},
