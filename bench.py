@@ -6,7 +6,7 @@ Shared CPU machines are noisy: read ratios, not absolute times, and rerun when i
 
     python bench.py step     --preset tiny                 # step samples/s, memory, FLOPs, MFU
     python bench.py step     --preset base --device cuda --batch 32   # GPU target: >= 40% MFU, < 40 GB
-    python bench.py reuse    --preset tiny                 # ViT reuse vs naive 4-pass step (>= 1.3x)
+    python bench.py reuse    --preset tiny                 # encoder-output reuse vs naive step (>= 1.3x)
     python bench.py compile  --preset tiny                 # eager vs torch.compile
     python bench.py data     --preset tiny --workers 0 1 2 # loader samples/s vs step samples/s
     python bench.py flops    --preset base --batch 32      # analytic FLOPs only, no timing
@@ -103,7 +103,7 @@ def prompt_scoring_flops(cfg: Config, batch: int, width: int) -> int:
     return 2 * batch * cfg.pool_size * width if cfg.prompt_mode == "pool" else 0
 
 
-def step_flops(cfg: Config, batch: int, text_len: int, reuse_vision=True,
+def step_flops(cfg: Config, batch: int, text_len: int, reuse=True,
                masked: int | None = None) -> dict:
     """Analytic FLOPs of one pre-training step (train.PretrainStep + backward) of `batch` pairs
     with texts of `text_len` tokens; `masked` MLM positions (default round(0.15 * B * L)).
@@ -112,17 +112,20 @@ def step_flops(cfg: Config, batch: int, text_len: int, reuse_vision=True,
     forward-only counts under "forward". Convention in the module docstring (multiply-add = 2).
     The four passes (train.py): 1. MLM text + image, 2. ITM text + (other) image, 3. image +
     textual prompts (k_t + 2 tokens), 4. text + visual prompts (1 + k_v tokens). The ViT runs on
-    the true images once with reuse (3 times without) plus once on the visual prompts.
+    the true images once with reuse (3 times without) plus once on the visual prompts; the text
+    encoder on the true texts twice with reuse where it has no dropout (3 times otherwise: MLM's
+    masked texts, ITM's and the text-only pass's) plus once on the textual prompts.
     """
     B, L = batch, text_len
     li = 1 + (cfg.image_size // cfg.patch_size) ** 2  # CLS + patches
     lp_t, lp_v = cfg.k_textual + 2, 1 + cfg.k_visual  # [<s>, prompts, </s>] and [CLS, prompts]
     masked = round(0.15 * B * L) if masked is None else masked
     H, E = cfg.hidden_size, cfg.embed_dim
-    image_passes = 1 if reuse_vision else 3
+    image_passes = 1 if reuse else 3
+    text_passes = 2 if reuse and cfg.text_dropout == 0 else 3
     fwd = {
         "vision": image_passes * vision_flops(cfg, B, li, True) + vision_flops(cfg, B, lp_v, False),
-        "text": 3 * text_flops(cfg, B, L) + text_flops(cfg, B, lp_t),
+        "text": text_passes * text_flops(cfg, B, L) + text_flops(cfg, B, lp_t),
         "fusion": (2 * fusion_flops(cfg, B, L, li) + fusion_flops(cfg, B, lp_t, li)
                    + fusion_flops(cfg, B, L, lp_v)),
         "prompt_scoring": (prompt_scoring_flops(cfg, B, cfg.vision_width)
@@ -351,7 +354,7 @@ def gpu_target_row() -> dict:
 def bench_step(args) -> dict:
     s = build_setup(args)
     peak, peak_source = resolve_peak(args.peak_flops, s.device, s.amp_dtype or torch.float32)
-    module = train.PretrainStep(s.model, LossWeights(), reuse_vision=True)
+    module = train.PretrainStep(s.model, LossWeights(), reuse=True)
     times = interleaved({"step": step_fn(s, module)}, args.repeats, args.warmup, s.device)["step"]
     flops = step_flops(s.cfg, args.batch, s.text_len)
     rows = [variant_row(s, f"{args.preset} {args.device} {s.amp_dtype or 'fp32'} "
@@ -365,7 +368,7 @@ def bench_step(args) -> dict:
 def bench_reuse(args) -> dict:
     s = build_setup(args)
     peak, peak_source = resolve_peak(args.peak_flops, s.device, s.amp_dtype or torch.float32)
-    steps = {name: train.PretrainStep(s.model, LossWeights(), reuse_vision=reuse)
+    steps = {name: train.PretrainStep(s.model, LossWeights(), reuse=reuse)
              for name, reuse in (("reuse", True), ("naive", False))}
     losses = {name: losses_of(s, m) for name, m in steps.items()}
     max_diff = max(abs(losses["reuse"][k] - losses["naive"][k]) for k in losses["reuse"])
@@ -384,7 +387,7 @@ def bench_reuse(args) -> dict:
 def bench_compile(args) -> dict:
     s = build_setup(args)
     peak, peak_source = resolve_peak(args.peak_flops, s.device, s.amp_dtype or torch.float32)
-    eager = train.PretrainStep(s.model, LossWeights(), reuse_vision=True)
+    eager = train.PretrainStep(s.model, LossWeights(), reuse=True)
     flops = step_flops(s.cfg, args.batch, s.text_len)
     result = {"peak_flops": peak, "peak_source": peak_source}
     compiled = torch.compile(eager)
@@ -431,7 +434,7 @@ def loader_samples_per_s(dataset, batch: int, workers: int, batches: int) -> dic
 
 def bench_data(args) -> dict:
     s = build_setup(args)
-    module = train.PretrainStep(s.model, LossWeights(), reuse_vision=True)
+    module = train.PretrainStep(s.model, LossWeights(), reuse=True)
     times = interleaved({"step": step_fn(s, module)}, args.repeats, args.warmup, s.device)["step"]
     consumed = len(s.batch) / statistics.median(times)
     del s, module
@@ -615,7 +618,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     helps = {"step": "pre-training step: samples/s, memory, analytic FLOPs, MFU",
-             "reuse": "ViT-reuse step vs naive four-ViT-pass step: losses and speed",
+             "reuse": "step reusing encoder outputs vs the naive step: losses and speed",
              "compile": "eager vs torch.compile of the step",
              "data": "training loader samples/s (0/1/2 workers) vs what a step consumes",
              "flops": "analytic FLOPs per component (no timing)"}

@@ -675,17 +675,23 @@ class PTUnifier(nn.Module):
         return self.fusion(text_states, text_mask, image_states)
 
     def forward(self, pixel_values=None, input_ids=None, attention_mask=None,
-                image_states=None, image_query=None) -> FusionOutput:
+                image_states=None, image_query=None, text_states=None, text_query=None) -> FusionOutput:
         """One fusion pass over an image, a text, or a pair; a missing modality is prompted.
 
         Pass `image_states` (and `image_query` when the text is missing) from `encode_image` to
-        reuse one ViT pass across several fusion passes (the ViT has no dropout).
+        reuse one ViT pass across several fusion passes (the ViT has no dropout); likewise
+        `text_states` with `attention_mask` (and `text_query` when the image is missing) from
+        `encode_text`, where the text encoder has no dropout or is in eval mode.
         """
         if pixel_values is not None and image_states is not None:
             raise ValueError("PTUnifier: pass pixel_values or image_states, not both")
-        if pixel_values is None and image_states is None and input_ids is None:
-            raise ValueError("PTUnifier: needs an image (pixel_values/image_states) or a text")
+        if input_ids is not None and text_states is not None:
+            raise ValueError("PTUnifier: pass input_ids or text_states, not both")
         has_image = pixel_values is not None or image_states is not None
+        has_text = input_ids is not None or text_states is not None
+        if not (has_image or has_text):
+            raise ValueError("PTUnifier: needs an image (pixel_values/image_states) or a text "
+                             "(input_ids/text_states)")
         if pixel_values is not None:
             image_states, image_query = self.encode_image(pixel_values, return_query=True)
         text_indices = image_indices = None
@@ -694,6 +700,9 @@ class PTUnifier(nn.Module):
                 attention_mask = torch.ones_like(input_ids)
             encoded = self.encode_text(input_ids, attention_mask, return_query=not has_image)
             text_states, text_query = encoded if not has_image else (encoded, None)
+        if has_text:
+            if attention_mask is None:
+                raise ValueError("PTUnifier: text_states needs its attention_mask")
             text_mask = attention_mask
         else:
             if image_query is None:
@@ -701,6 +710,9 @@ class PTUnifier(nn.Module):
                                  "textual prompts; use encode_image(..., return_query=True)")
             text_states, text_mask, text_indices = self.prompt_text(image_query)
         if not has_image:
+            if text_query is None:
+                raise ValueError("PTUnifier: an image-less pass needs text_query to select "
+                                 "visual prompts; use encode_text(..., return_query=True)")
             image_states, image_indices = self.prompt_image(text_query)
         text, image, joint = self.fuse(text_states, text_mask, image_states)
         return FusionOutput(text, image, text_mask, joint, text_indices, image_indices)

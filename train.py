@@ -10,8 +10,9 @@ One optimisation step runs four fusion passes over a batch of B image-text pairs
   3. image-only  : image + textual prompts (Eq. 3-4) -> ITC image embedding
   4. text-only   : text + visual prompts  (Eq. 3-4) -> ITC text embedding; Eq. 7-10 contrast 3 vs 4
 The ViT has no dropout, so the true images' ViT output is computed once and reused by passes 1-3
-(`PretrainStep.forward`); `reuse_vision=False` gives the naive four-ViT-pass step, kept for the
-equivalence test and `bench.py reuse`.
+(`PretrainStep.forward`); where the text encoder has no dropout either (the tiny preset), the true
+texts' encoding is computed once for passes 2 and 4. `reuse=False` gives the naive step (every
+pass encodes its inputs), kept for the equivalence test and `bench.py reuse`.
 
 From scratch (the tiny preset), the run starts with passes 3-4 only (ITC alone, "align before
 fuse"): with MLM from the first step, the pooled [CLS] features that ITC and ITM read stay identical
@@ -137,21 +138,31 @@ class StepOutput:
 class PretrainStep(nn.Module):
     """The four passes of one pre-training step as one module, so DDP wraps a single forward."""
 
-    def __init__(self, model: PTUnifier, weights: LossWeights, reuse_vision: bool = True):
+    def __init__(self, model: PTUnifier, weights: LossWeights, reuse: bool = True):
         super().__init__()
-        self.model, self.weights, self.reuse_vision = model, weights, reuse_vision
+        self.model, self.weights, self.reuse = model, weights, reuse
 
     def forward(self, batch, itc_only: bool = False) -> StepOutput:
         m = self.model
-        if self.reuse_vision:  # one ViT pass over the B true images: [B, 1+N, D_v] and query [B, D_v]
+        if self.reuse:  # one ViT pass over the B true images: [B, 1+N, D_v] and query [B, D_v]
             states, query = m.encode_image(batch.pixel_values, return_query=True)
+        # Without dropout the true texts encode the same in passes 2 and 4: [B, L, D_t], [B, D_t].
+        reuse_text = self.reuse and not itc_only and (m.config.text_dropout == 0 or not m.training)
+        if reuse_text:
+            words, words_query = m.encode_text(batch.input_ids, batch.attention_mask, return_query=True)
 
         def image(rows=slice(None)) -> dict:
             """Image inputs of a fusion pass: rows of the shared ViT output, or (naive step) the
             raw pixels, so that every pass runs the ViT again."""
-            if self.reuse_vision:
+            if self.reuse:
                 return dict(image_states=states[rows], image_query=query[rows])
             return dict(pixel_values=batch.pixel_values[rows])
+
+        def text() -> dict:
+            """Text inputs of passes 2 and 4: the shared encoding, or the ids (encoded again)."""
+            if reuse_text:
+                return dict(text_states=words, text_query=words_query, attention_mask=batch.attention_mask)
+            return dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
 
         l_mlm = l_itm = None
         if not itc_only:
@@ -161,13 +172,12 @@ class PretrainStep(nn.Module):
             l_mlm = mlm_loss(m.mlm_head(out.text[masked]), batch.mlm_labels[masked])
 
             # 2. ITM (Eq. 6): text i with image itm_image_index[i] (itself or another batch image).
-            out = m(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                    **image(batch.itm_image_index))
+            out = m(**text(), **image(batch.itm_image_index))
             l_itm = itm_loss(m.itm_head(out.joint), batch.itm_labels)
 
         # 3-4. ITC (Eq. 7-9): image-only pass (textual prompts) against text-only pass (visual prompts).
         image_only = m(**image())
-        text_only = m(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        text_only = m(**text())
         l_itc = itc_loss(m.itc_image(image_only.joint), m.itc_text(text_only.joint), m.logit_scale())
 
         parts = LossParts(l_mlm, l_itm, l_itc)

@@ -34,7 +34,7 @@ SMALL = dataclasses.replace(
 B, L = 2, 6  # 2 pairs, 6 tokens each; MLM positions round(0.15 * 2 * 6) = 2
 
 
-def hand_count_forward(reuse_vision: bool) -> dict:
+def hand_count_forward(reuse: bool) -> dict:
     """Forward FLOPs of one step of SMALL, B = 2, L = 6, term by term (multiply-add = 2 FLOPs).
 
     Block (D = 8, M = 16) per token: q/k/v/out 4*8*8 = 256 MACs + MLP 2*8*16 = 256 MACs -> 1024
@@ -59,8 +59,10 @@ def hand_count_forward(reuse_vision: bool) -> dict:
         return proj + text_stream + image_stream + attn + poolers
 
     return {
-        "vision": (1 if reuse_vision else 3) * vit_images + vit_prompts,
-        "text": 3 * text + text_prompts,  # MLM, ITM and text-only texts; the textual prompts
+        "vision": (1 if reuse else 3) * vit_images + vit_prompts,
+        # MLM's masked texts, ITM's and text-only's texts (one encoding with reuse: SMALL has no
+        # dropout); the textual prompts
+        "text": (2 if reuse else 3) * text + text_prompts,
         "fusion": 2 * fusion(6, 5) + fusion(4, 5) + fusion(6, 3),  # MLM, ITM; image-only; text-only
         "prompt_scoring": 2 * (B * 2 * 4 * 8),  # [2, 8] @ [8, 4] for each of the two pools
         "mlm_head": 2 * 2 * (8 * 8 + 8 * 32),  # 2 masked tokens: dense 8x8, decoder 8x32
@@ -74,7 +76,7 @@ def test_step_flops_matches_hand_count(reuse):
     fwd = hand_count_forward(reuse)
     assert fwd["vision"] == (17984 if reuse else 3 * 17984) + 6720  # spot values for the reader
     assert fwd["fusion"] == 2 * 44864 + 2 * 35648
-    got = step_flops(SMALL, B, L, reuse_vision=reuse)
+    got = step_flops(SMALL, B, L, reuse=reuse)
     for key, value in fwd.items():
         assert got["forward"][key] == value, key
         assert got[key] == (value if key == "prompt_scoring" else 3 * value), key
@@ -82,9 +84,12 @@ def test_step_flops_matches_hand_count(reuse):
     assert got["total"] == 3 * sum(fwd.values()) - 2 * fwd["prompt_scoring"]
 
 
-def test_reuse_saves_exactly_two_vit_passes_over_the_images():
+def test_reuse_saves_two_vit_passes_and_one_text_pass():
     with_reuse, naive = step_flops(SMALL, B, L, True), step_flops(SMALL, B, L, False)
-    assert naive["total"] - with_reuse["total"] == 3 * 2 * 17984
+    assert naive["total"] - with_reuse["total"] == 3 * (2 * 17984 + 14592)  # text: 2*6*1024 + 2304
+    dropout = dataclasses.replace(SMALL, text_dropout=0.1)  # the texts differ per pass in training
+    assert (step_flops(dropout, B, L, False)["total"] - step_flops(dropout, B, L, True)["total"]
+            == 3 * 2 * 17984)
 
 
 def counted(fn) -> int:
@@ -111,14 +116,24 @@ def test_one_text_only_pass_matches_flop_counter(small_model):
 @pytest.mark.parametrize("reuse", [True, False])
 def test_step_forward_matches_flop_counter(small_model, reuse):
     batch = synthetic_batch(SMALL, B, L)
-    step = train.PretrainStep(small_model, LossWeights(), reuse_vision=reuse)
+    step = train.PretrainStep(small_model, LossWeights(), reuse=reuse)
     assert counted(lambda: step(batch)) == step_flops(SMALL, B, L, reuse)["forward"]["total"]
+
+
+def test_texts_are_encoded_per_pass_under_dropout_in_training():
+    """With text dropout, passes 2 and 4 see different dropout draws, so the step encodes twice."""
+    cfg = dataclasses.replace(SMALL, text_dropout=0.1)
+    torch.manual_seed(0)
+    step = train.PretrainStep(PTUnifier(cfg).train(), LossWeights(), reuse=True)
+    batch = synthetic_batch(cfg, B, L)
+    assert counted(lambda: step(batch)) == step_flops(cfg, B, L, True)["forward"]["total"]
+    assert step_flops(cfg, B, L, True)["forward"]["text"] == 3 * 14592 + 2 * 4 * 1024 + 2 * 2 * 2 * 4 * 4 * 8
 
 
 @pytest.mark.parametrize("reuse", [True, False])
 def test_step_forward_backward_is_three_forwards(small_model, reuse):
     batch = synthetic_batch(SMALL, B, L)
-    step = train.PretrainStep(small_model, LossWeights(), reuse_vision=reuse)
+    step = train.PretrainStep(small_model, LossWeights(), reuse=reuse)
     got = counted(lambda: step(batch).total.backward())
     conv_input_grad = (1 if reuse else 3) * B * 4 * 2 * (3 * 4 * 4) * 8  # pixels need no gradient
     # MLM pass (Lt = 6, Li = 5), image stream of its only fusion layer: own tokens 5 x (6*64 +

@@ -48,14 +48,15 @@ def run_args(synth_dir, out, *extra):
 
 
 def test_reuse_step_equals_naive_four_pass_step(synth_dir):
-    """Computing the ViT once and reusing it gives the same losses and gradients as four ViT passes."""
+    """Computing the ViT once (and, without dropout, the true texts' encoding once for ITM and ITC)
+    gives the same losses and gradients as encoding the inputs of every pass again."""
     tok = Tokenizer.load(synth_dir / "tokenizer.json")
     model = tiny_model(tok).eval()  # no dropout, so both steps are deterministic
     batch = first_batch(synth_dir, tok, model)
     results = []
     for reuse in (True, False):
         model.zero_grad()
-        out = train.PretrainStep(model, LossWeights(), reuse_vision=reuse)(batch)
+        out = train.PretrainStep(model, LossWeights(), reuse=reuse)(batch)
         out.total.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append((out, grads))
