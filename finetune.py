@@ -131,8 +131,8 @@ FT_DEFAULTS = {
     "tiny": {"ic": dict(epochs=2, batch_size=64, **TINY_LR),
              "tc": dict(epochs=3, batch_size=64, **TINY_LR),
              "vqa": dict(epochs=3, batch_size=64, **TINY_LR),
-             "ts": dict(epochs=2, batch_size=64, **TINY_LR),
-             "itg": dict(epochs=2, batch_size=64, **TINY_LR),
+             "ts": dict(epochs=2, batch_size=64, no_repeat_ngram=3, **TINY_LR),
+             "itg": dict(epochs=6, batch_size=64, no_repeat_ngram=3, **TINY_LR),
              "retrieval": dict(epochs=2, batch_size=64, **TINY_LR)},
 }
 
@@ -158,6 +158,8 @@ class FinetuneConfig:
     beams: int = 1                  # generation: beam width (1: greedy)
     max_gen_len: int = 0            # generation: most tokens generated (0: Config.max_text_len)
     length_penalty: float = 1.0     # generation: beam score / length ** penalty
+    no_repeat_ngram: int = -1       # generation: no n-gram of generated tokens twice (0: off;
+                                    # -1: the task default: tiny ts/itg 3, otherwise off)
     eval_batch: int = 128
     workers: int = 2                # DataLoader workers per process; 0 loads in the main process
     seed: int = 0
@@ -169,6 +171,8 @@ class FinetuneConfig:
         pick = lambda key: getattr(self, key) or d[key]  # noqa: E731
         return dataclasses.replace(self, epochs=pick("epochs"), batch_size=pick("batch_size"),
                                    lr_backbone=pick("lr_backbone"), lr_task=pick("lr_task"),
+                                   no_repeat_ngram=self.no_repeat_ngram if self.no_repeat_ngram >= 0
+                                   else d.get("no_repeat_ngram", 0),
                                    out=self.out or f"runs/ft-{self.task}")
 
 
@@ -411,8 +415,8 @@ def score_generation(model, ctx, split, final: bool) -> dict:
             memory, mask = generation_memory(model.backbone(**INPUTS[model.task.inputs](batch)))
             out = generate(model.decoder, memory, mask, tok.bos_id, tok.eos_id,
                            max_len=cfg.max_gen_len or model.backbone.config.max_text_len,
-                           beams=cfg.beams,
-                           length_penalty=cfg.length_penalty)
+                           beams=cfg.beams, length_penalty=cfg.length_penalty,
+                           no_repeat_ngram=cfg.no_repeat_ngram)
         for rid, ids, ref in zip(batch.ids, out, batch.references):
             hyps[rid], refs[rid] = tok.decode(ids), [ref]
     scores = dataclasses.asdict(nlg_metrics(hyps, refs, with_meteor=final))

@@ -1160,12 +1160,14 @@ def generation_memory(out: FusionOutput) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def generate(decoder: TextDecoder, memory, memory_mask, bos_id: int, eos_id: int,
-             max_len: int = 64, beams: int = 1, length_penalty: float = 1.0) -> list[list[int]]:
+             max_len: int = 64, beams: int = 1, length_penalty: float = 1.0,
+             no_repeat_ngram: int = 0) -> list[list[int]]:
     """Token ids (no bos/eos) of the best continuation of `bos_id` for each example.
 
     memory [B, M, H], memory_mask [B, M] (1 real). beams == 1: greedy; beams > 1: beam search
     (see `beam_search` for the score and the stopping rule). At most max_len tokens are
-    generated (an end token included). Runs in eval mode without gradients and restores the
+    generated (an end token included). no_repeat_ngram = n > 0 forbids any n-gram of generated
+    tokens to occur twice (`ban_repeats`). Runs in eval mode without gradients and restores the
     decoder's training flag afterwards.
     """
     if beams < 1 or max_len < 1:
@@ -1179,14 +1181,31 @@ def generate(decoder: TextDecoder, memory, memory_mask, bos_id: int, eos_id: int
     try:
         with torch.no_grad():
             if beams == 1:
-                return greedy_search(decoder, memory, memory_mask, bos_id, eos_id, max_len)
+                return greedy_search(decoder, memory, memory_mask, bos_id, eos_id, max_len,
+                                     no_repeat_ngram)
             return beam_search(decoder, memory, memory_mask, bos_id, eos_id, max_len, beams,
-                               length_penalty)
+                               length_penalty, no_repeat_ngram)
     finally:
         decoder.train(was_training)
 
 
-def greedy_search(decoder, memory, memory_mask, bos_id, eos_id, max_len) -> list[list[int]]:
+def ban_repeats(logits: torch.Tensor, histories: list[list[int]], n: int) -> torch.Tensor:
+    """logits [R, V] of the next token after each row's generated tokens `histories`; every token
+    that would complete an n-gram already in its row's history is set to -inf (n <= 0: none)."""
+    if n <= 0:
+        return logits
+    for row, past in enumerate(histories):
+        if len(past) < n - 1:
+            continue
+        prefix = past[len(past) - n + 1:] if n > 1 else []
+        banned = [past[i + n - 1] for i in range(len(past) - n + 1) if past[i:i + n - 1] == prefix]
+        if banned:
+            logits[row, banned] = -math.inf
+    return logits
+
+
+def greedy_search(decoder, memory, memory_mask, bos_id, eos_id, max_len,
+                  no_repeat_ngram: int = 0) -> list[list[int]]:
     """Batched greedy decoding (argmax each step) until every example emitted eos or max_len."""
     B = memory.shape[0]
     cache = decoder.start(memory, memory_mask)
@@ -1194,7 +1213,8 @@ def greedy_search(decoder, memory, memory_mask, bos_id, eos_id, max_len) -> list
     out = [[] for _ in range(B)]
     finished = [False] * B
     for _ in range(max_len):
-        chosen = decoder.step(tokens, cache)[:, -1].argmax(dim=-1)  # [B]
+        logits = ban_repeats(decoder.step(tokens, cache)[:, -1].float(), out, no_repeat_ngram)
+        chosen = logits.argmax(dim=-1)  # [B]
         for b, token in enumerate(chosen.tolist()):
             if not finished[b]:
                 finished[b] = token == eos_id
@@ -1220,7 +1240,7 @@ def _best_possible(log_prob: float, length: int, max_len: int, length_penalty: f
 
 
 def beam_search(decoder, memory, memory_mask, bos_id, eos_id, max_len, beams,
-                length_penalty) -> list[list[int]]:
+                length_penalty, no_repeat_ngram: int = 0) -> list[list[int]]:
     """Deterministic batched beam search (no sampling).
 
     Each example keeps `beams` live hypotheses. A step expands each with log-softmax and takes
@@ -1242,6 +1262,7 @@ def beam_search(decoder, memory, memory_mask, bos_id, eos_id, max_len, beams,
     done = [False] * B
     for t in range(max_len):  # t tokens generated so far
         log_probs = decoder.step(tokens, cache)[:, -1].float().log_softmax(dim=-1)  # [B*K, V]
+        log_probs = ban_repeats(log_probs, history, no_repeat_ngram)
         V = log_probs.shape[-1]
         total = (scores.view(B * K, 1) + log_probs).view(B, K * V)  # [B, K * V]
         top, flat = total.topk(2 * K, dim=1)  # [B, 2K]

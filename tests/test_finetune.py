@@ -242,3 +242,11 @@ def test_two_process_ddp_fine_tuning_uses_global_negatives(bench, tmp_path):
     assert {"i2t_r1", "t2i_r1", "mean_recall"} <= set(saved["test"])
     assert abs(saved["history"][0]["train_loss"] - math.log(8)) < 0.25
     assert proc.stdout.count("test, best epoch") == 1  # printed by rank 0 only
+
+
+def test_no_repeat_ngram_defaults_per_recipe_and_task_and_can_be_turned_off():
+    itg = ft.FinetuneConfig(task="itg")
+    assert itg.resolved("tiny").no_repeat_ngram == 3 and itg.resolved("base").no_repeat_ngram == 0
+    assert ft.FinetuneConfig(task="vqa").resolved("tiny").no_repeat_ngram == 0
+    assert dataclasses.replace(itg, no_repeat_ngram=0).resolved("tiny").no_repeat_ngram == 0
+    assert dataclasses.replace(itg, no_repeat_ngram=4).resolved("base").no_repeat_ngram == 4

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from model import (PRESETS, PTUnifier, TextDecoder, beam_search, generate, generation_memory,
+from model import (PRESETS, PTUnifier, TextDecoder, ban_repeats, beam_search, generate, generation_memory,
                    greedy_search)
 
 BOS, EOS = 0, 2
@@ -246,6 +246,34 @@ def test_generation_stops_at_the_end_token_and_respects_max_len():
         decoder.lm_head.decoder.bias[7] = 100.0
     for beams in (1, 3):
         assert generate(decoder, memory, mask, BOS, EOS, max_len=5, beams=beams) == [[7] * 5] * 3
+
+
+@pytest.mark.parametrize("n, banned", [(3, [7]), (2, [7]), (1, [5, 6, 7]), (4, [])])
+def test_ban_repeats_forbids_exactly_the_tokens_that_repeat_an_ngram(n, banned):
+    """History 5 6 7 5 6: a 3-gram ending the history must not repeat (5 6 7 is taken: 7 banned);
+    2-grams after 6: (6 7) taken; 1-grams: every generated token; 4-grams after 7 5 6: none."""
+    logits = ban_repeats(torch.zeros(2, 9), [[5, 6, 7, 5, 6], []], n)
+    assert torch.isinf(logits[0]).nonzero().flatten().tolist() == banned
+    assert not torch.isinf(logits[1]).any()  # an empty history bans nothing
+
+
+def n_grams(seq, n):
+    return [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_no_repeat_ngram_generation_never_repeats_an_ngram(beams):
+    """A decoder that wants token 7 forever: blocked, it still generates max_len tokens, and no
+    bigram occurs twice (unblocked it repeats 7 7)."""
+    decoder = random_decoder()
+    memory, mask = padded_memory()
+    with torch.no_grad():
+        decoder.lm_head.decoder.bias[7] = 20.0
+        decoder.lm_head.decoder.bias[EOS] = -100.0
+    plain = generate(decoder, memory, mask, BOS, EOS, max_len=12, beams=beams)
+    assert plain == [[7] * 12] * 3
+    for seq in generate(decoder, memory, mask, BOS, EOS, max_len=12, beams=beams, no_repeat_ngram=2):
+        assert len(seq) == 12 and len(set(n_grams(seq, 2))) == len(n_grams(seq, 2))
 
 
 def test_generate_restores_training_mode():
