@@ -1197,7 +1197,7 @@ def ban_repeats(logits: torch.Tensor, histories: list[list[int]], n: int) -> tor
     for row, past in enumerate(histories):
         if len(past) < n - 1:
             continue
-        prefix = past[len(past) - n + 1:] if n > 1 else []
+        prefix = past[len(past) - n + 1:]  # the last n - 1 tokens ([] for n = 1)
         banned = [past[i + n - 1] for i in range(len(past) - n + 1) if past[i:i + n - 1] == prefix]
         if banned:
             logits[row, banned] = -math.inf
