@@ -52,7 +52,7 @@ from data import SkipTracker, TaskDataset, Tokenizer, locate_tokenizer, make_loa
 from evaluate import accuracy, auroc, embed_retrieval, nlg_metrics, recall_at_k, vqa_accuracy
 from losses import itc_loss
 from model import ClassifierHead, PTUnifier, TextDecoder, generate, generation_memory, \
-    split_decay
+    restore_running_statistics, save_running_statistics, split_decay
 from train import Runtime, TrainConfig, any_rank, apply_update, build_model, cleanup, dataclass_cli, lr_factor, print0, \
     seed_everything, seed_step, setup_runtime
 
@@ -556,9 +556,11 @@ def finetune(cfg: FinetuneConfig) -> dict:
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * lr_factor(step, total, cfg.warmup)
             seed_step(cfg.seed, rt.rank, step)
+            statistics = save_running_statistics(model)
             with autocast(rt):
                 loss = runner(batch.to(rt.device, non_blocking=True))
             if any_rank([not torch.isfinite(loss).item()], rt)[0]:  # every rank skips together
+                restore_running_statistics(model, statistics)  # the step leaves the model as it was
                 skipped_steps += 1
                 print0(rt, f"step {step}: non-finite loss, step skipped ({skipped_steps} so far)")
                 step += 1

@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from losses import gather_with_grad
 from prompts import PromptPool, StaticPrompts, build_prompts
 
 
@@ -94,6 +95,7 @@ class Config:
     embed_dim: int = 768  # E, ITC embedding width
     temperature: float = 0.1  # ITC temperature tau; logit scale = 1 / tau
     learnable_temperature: bool = False  # learn log(1/tau), clamped to a scale <= 100
+    itc_batch_norm: bool = False  # not in the paper: batch-normalise ITC embeddings (tiny preset)
 
     def __post_init__(self):
         problems = self.problems()
@@ -186,8 +188,12 @@ PRESETS = {
         # that ITC has to grow; without it ITC leaves chance 2-5x sooner (README, "Learning from
         # scratch"). 64 tokens hold a whole synthetic findings section at the median.
         text_dropout=0.0, fusion_dropout=0.0,
-        # From scratch, ITC at the official fixed 0.1 stalls at ln(B) longest (README, "Learning
-        # from scratch"); 0.5 escapes soonest, and learning it lets the scale grow afterwards.
+        # From scratch, every pass's pooled feature is nearly the same vector for every input, and
+        # ITC sat at ln(B) for 80 to 400+ steps; normalising the embeddings over the batch removes
+        # that common part (README, "Learning from scratch").
+        itc_batch_norm=True,
+        # ITC at the official fixed 0.1 stays at ln(B) longest (README, "Learning from scratch");
+        # 0.5 leaves it soonest, and learning it lets the scale grow afterwards.
         temperature=0.5, learnable_temperature=True,
     ),
 }
@@ -544,17 +550,70 @@ class MLMHead(nn.Module):
         return self.decoder(self.norm(F.gelu(self.dense(x))))
 
 
-class ITCProjection(nn.Module):
-    """Contrastive projection of a joint feature (Eq. 8-10): LayerNorm, Linear, L2-normalise."""
+class GlobalBatchNorm(nn.Module):
+    """Batch normalisation without affine parameters over the GLOBAL batch (not in the paper).
 
-    def __init__(self, in_dim: int, embed_dim: int):
+    Training: each of the E dimensions is centred by its mean and scaled by its (biased) standard
+    deviation over the rows of every rank (`gather_with_grad`, so the result and its gradient are
+    those of one process on the concatenated batch), and running estimates are updated exactly as
+    nn.BatchNorm1d(E, affine=False) does (momentum 0.1, unbiased running variance). Eval: the
+    running estimates. Without a process group this is nn.BatchNorm1d(E, affine=False).
+    """
+
+    def __init__(self, dim: int, momentum: float = 0.1, eps: float = 1e-5):
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("running_mean", torch.zeros(dim))
+        self.register_buffer("running_var", torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [b, E] (this rank's rows) -> normalised [b, E] (at least fp32)."""
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()  # statistics in fp32 under autocast
+        if not self.training:
+            return (x - self.running_mean) / torch.sqrt(self.running_var + self.eps)
+        rows, _, n = gather_with_grad(x)  # [N, E]: every rank's rows
+        if n < 2:
+            raise ValueError("GlobalBatchNorm: a training batch needs at least 2 rows over all "
+                             f"ranks, got {n}")
+        mean, var = rows.mean(dim=0), rows.var(dim=0, unbiased=False)  # [E] each
+        with torch.no_grad():
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+            self.running_var.lerp_((var * n / (n - 1)).to(self.running_var.dtype), self.momentum)
+        return (x - mean) / torch.sqrt(var + self.eps)
+
+
+def _running_buffers(module: nn.Module) -> list[torch.Tensor]:
+    return [b for m in module.modules() if isinstance(m, GlobalBatchNorm)
+            for b in (m.running_mean, m.running_var)]
+
+
+def save_running_statistics(module: nn.Module) -> list[torch.Tensor]:
+    """Copies of the buffers that a training forward updates in place (GlobalBatchNorm's running
+    estimates), so that a skipped step can leave the model exactly as it was."""
+    return [b.clone() for b in _running_buffers(module)]
+
+
+def restore_running_statistics(module: nn.Module, saved: list[torch.Tensor]) -> None:
+    """Undo the running-estimate updates since `save_running_statistics` returned `saved`."""
+    with torch.no_grad():
+        for buffer, value in zip(_running_buffers(module), saved, strict=True):
+            buffer.copy_(value)
+
+
+class ITCProjection(nn.Module):
+    """Contrastive projection of a joint feature (Eq. 8-10): LayerNorm, Linear, L2-normalise;
+    with `batch_norm`, a GlobalBatchNorm before the L2-normalisation."""
+
+    def __init__(self, in_dim: int, embed_dim: int, batch_norm: bool = False):
         super().__init__()
         self.norm = nn.LayerNorm(in_dim)
         self.proj = nn.Linear(in_dim, embed_dim)
+        self.batch_norm = GlobalBatchNorm(embed_dim) if batch_norm else nn.Identity()
 
     def forward(self, joint):
         """joint [B, 2H] -> unit-norm embedding [B, E]."""
-        return F.normalize(self.proj(self.norm(joint)), dim=-1)
+        return F.normalize(self.batch_norm(self.proj(self.norm(joint))), dim=-1)
 
 
 class ClassifierHead(nn.Module):
@@ -630,8 +689,8 @@ class PTUnifier(nn.Module):
         self.fusion = Fusion(cfg)
         self.mlm_head = MLMHead(cfg)
         self.itm_head = nn.Linear(H2, 2)
-        self.itc_image = ITCProjection(H2, cfg.embed_dim)
-        self.itc_text = ITCProjection(H2, cfg.embed_dim)
+        self.itc_image = ITCProjection(H2, cfg.embed_dim, cfg.itc_batch_norm)
+        self.itc_text = ITCProjection(H2, cfg.embed_dim, cfg.itc_batch_norm)
         _init_weights(self)
         self.vision.init_weights(cfg.vision_layers)
         # Pools are created after the init pass: PromptPool/StaticPrompts init themselves.
@@ -723,12 +782,16 @@ class PTUnifier(nn.Module):
         """ITC logit scale 1 / tau as a scalar tensor (learnable: exp(log scale) clamped <= 100)."""
         return self.log_scale.clamp(max=math.log(100.0)).exp()
 
-    def param_groups(self, encoder_lr=1e-5, other_lr=5e-5, weight_decay=0.01) -> list[dict]:
+    def param_groups(self, encoder_lr=1e-5, other_lr=5e-5, weight_decay=0.01,
+                     temperature_lr=None) -> list[dict]:
         """AdamW groups (section 5.3): encoders (ViT + text) at encoder_lr, the rest (fusion,
-        projections, pools, heads) at other_lr; no decay as in `split_decay`."""
+        projections, pools, heads) at other_lr; no decay as in `split_decay`. With
+        `temperature_lr` (not 0 or None), a learnable temperature gets a group at that rate."""
         encoders = nn.ModuleList([self.vision, self.text])
         encoder_ids = {id(p) for p in encoders.parameters()}
+        own = [self.log_scale] if temperature_lr and self.config.learnable_temperature else []
         decay, free = split_decay(self)
+        free = [p for p in free if not any(p is q for q in own)]
         groups = []
         for name, params, wd in (("decay", decay, weight_decay), ("no_decay", free, 0.0)):
             for part, lr, wanted in (("encoder", encoder_lr, True), ("other", other_lr, False)):
@@ -736,6 +799,9 @@ class PTUnifier(nn.Module):
                 if chosen:
                     groups.append({"name": f"{part}_{name}", "params": chosen, "lr": lr,
                                    "weight_decay": wd})
+        if own:
+            groups.append({"name": "temperature", "params": own, "lr": temperature_lr,
+                           "weight_decay": 0.0})
         return groups
 
     # -- pre-trained encoders --------------------------------------------------------------

@@ -53,17 +53,18 @@ from tqdm import tqdm
 from checkpoint import load_checkpoint, save_checkpoint
 from data import PretrainDataset, SkipTracker, Tokenizer, locate_tokenizer, make_train_stream
 from losses import LossParts, LossWeights, itc_loss, itm_loss, mlm_loss, total_loss
-from model import PRESETS, Config, PTUnifier, hf_text_fields, hf_vision_fields
+from model import (PRESETS, Config, PTUnifier, hf_text_fields, hf_vision_fields,
+                   restore_running_statistics, save_running_statistics)
 
 COLLECTIVE_TIMEOUT = timedelta(hours=2)  # longest a rank waits in one collective or barrier
 
 # Training defaults per model preset. The paper's learning rates (1e-5 encoders, 5e-5 the rest) are
 # for pre-trained encoders; the tiny preset trains from scratch on synthetic data and needs more.
 TRAIN_DEFAULTS = {
-    "tiny": dict(steps=600, batch_size=64, lr_encoder=5e-4, lr_other=5e-4, warmup=0.05,
-                 text_unit="text", itc_warmup=0.5, itc_escape=0.2),
-    "base": dict(steps=100_000, batch_size=256, lr_encoder=1e-5, lr_other=5e-5, warmup=0.1,
-                 text_unit="sentence", itc_warmup=0.0, itc_escape=0.0),
+    "tiny": dict(steps=900, batch_size=64, lr_encoder=5e-4, lr_other=5e-4, lr_temperature=5e-3,
+                 warmup=0.05, text_unit="text", itc_warmup=0.5, itc_escape=0.2),
+    "base": dict(steps=100_000, batch_size=256, lr_encoder=1e-5, lr_other=5e-5, lr_temperature=5e-5,
+                 warmup=0.1, text_unit="sentence", itc_warmup=0.0, itc_escape=0.0),
 }
 
 
@@ -81,6 +82,7 @@ class TrainConfig:
     micro_batch: int = 0               # per-process batch per forward; accumulation fills the rest
     lr_encoder: float = 0.0            # ViT and text encoder (0: preset default)
     lr_other: float = 0.0              # fusion, projections, prompt pools, heads (0: preset default)
+    lr_temperature: float = 0.0        # a learnable ITC temperature (0: preset default; tiny 5e-3)
     weight_decay: float = 0.01
     warmup: float = -1.0               # fraction of steps with linear warm-up (-1: preset default)
     clip_grad: float = 1.0             # max global gradient norm (0: off)
@@ -115,6 +117,7 @@ class TrainConfig:
         return dataclasses.replace(
             self, steps=pick(self.steps, "steps"), batch_size=pick(self.batch_size, "batch_size"),
             lr_encoder=pick(self.lr_encoder, "lr_encoder"), lr_other=pick(self.lr_other, "lr_other"),
+            lr_temperature=pick(self.lr_temperature, "lr_temperature"),
             text_unit=pick(self.text_unit, "text_unit"), warmup=fraction(self.warmup, "warmup"),
             itc_warmup=fraction(self.itc_warmup, "itc_warmup"),
             itc_escape=fraction(self.itc_escape, "itc_escape"))
@@ -202,10 +205,11 @@ def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> Non
 
 
 def make_optimizer(model: PTUnifier, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW (paper 5.3) over the model's groups: encoders at lr_encoder, the rest at lr_other, no
-    decay on biases, norms, embeddings and prompt pools (decay would pull the pool entries that a
-    batch does not select towards zero); `base_lr` is what the schedule scales."""
-    groups = model.param_groups(cfg.lr_encoder, cfg.lr_other, cfg.weight_decay)
+    """AdamW (paper 5.3) over the model's groups: encoders at lr_encoder, a learnable temperature at
+    lr_temperature, the rest at lr_other, no decay on biases, norms, embeddings and prompt pools
+    (decay would pull the pool entries that a batch does not select towards zero); `base_lr` is
+    what the schedule scales."""
+    groups = model.param_groups(cfg.lr_encoder, cfg.lr_other, cfg.weight_decay, cfg.lr_temperature)
     for g in groups:
         g["base_lr"] = g["lr"]
     return torch.optim.AdamW(groups, lr=cfg.lr_other, betas=(0.9, 0.98), eps=1e-8,
@@ -421,11 +425,13 @@ def train(cfg: TrainConfig) -> dict:
             set_lr(optimizer, state["step"], cfg)
             seed_step(cfg.seed, rt.rank, state["step"])
             itc_only = state["step"] < state["itc_only_until"]
+            statistics = save_running_statistics(model)
             running, n_samples = accumulate_gradients(runner, batches, accum, scaler, rt, bad_images, usage,
                                                       itc_only)
             bad, stopping = any_rank([not torch.isfinite(running['loss']).item(), stop.received is not None], rt)
-            if bad:
+            if bad:  # the model stays as it was: no update, running estimates restored
                 optimizer.zero_grad(set_to_none=True)
+                restore_running_statistics(model, statistics)
                 state["bad_steps"] += 1
                 state["skipped_steps"] += 1
                 if state["bad_steps"] >= cfg.max_bad_steps:
@@ -451,7 +457,7 @@ def train(cfg: TrainConfig) -> dict:
             if state["step"] % cfg.log_every == 0 or state["step"] == cfg.steps:
                 now = time.perf_counter()
                 row = dict(step=state["step"], **{k: v.item() for k, v in running.items()},
-                           lr=optimizer.param_groups[-1]["lr"], samples_per_s=samples_since / (now - t_last),
+                           lr=cfg.lr_other * lr_factor(state["step"] - 1, cfg.steps, cfg.warmup), samples_per_s=samples_since / (now - t_last),
                            skipped_steps=state["skipped_steps"])
                 t_last, samples_since = now, 0
                 bar.set_postfix(**{k: f"{row[k]:.3f}" for k in ("loss", "mlm", "itm", "itc") if k in row},

@@ -1,6 +1,7 @@
 """Tests for losses.py: each objective (paper Eq. 5-10) against a hand computation on tiny
 tensors, the no-process-group path, and a 2-process gloo DDP run that must reproduce the
-single-process ITC loss and parameter gradients on the concatenated batch."""
+single-process ITC loss and parameter gradients on the concatenated batch (with and without
+model.GlobalBatchNorm on the embeddings, whose running statistics must match too)."""
 import math
 import os
 import socket
@@ -15,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from losses import (LossParts, LossWeights, dist_info, gather_with_grad, itc_loss, itm_loss,
                     mlm_loss, total_loss)
+from model import GlobalBatchNorm
 
 
 def neg_log_softmax(row, target):
@@ -146,19 +148,22 @@ SPLITS = {"equal": [4, 4], "unequal": [3, 2]}  # local batch of rank 0, rank 1
 
 
 class TinyDualEncoder(torch.nn.Module):
-    """Image and text features -> L2-normalised embeddings, plus a learnable logit scale."""
+    """Image and text features -> L2-normalised embeddings, plus a learnable logit scale; with
+    `batch_norm`, each projection is batch-normalised over the global batch first."""
 
-    def __init__(self):
+    def __init__(self, batch_norm: bool = False):
         super().__init__()
         torch.manual_seed(0)
         self.image_proj = torch.nn.Linear(6, 4)
         self.text_proj = torch.nn.Linear(5, 4)
         self.log_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.3)))
+        self.image_norm = GlobalBatchNorm(4) if batch_norm else torch.nn.Identity()
+        self.text_norm = GlobalBatchNorm(4) if batch_norm else torch.nn.Identity()
 
     def forward(self, images, texts):
-        image_emb = F.normalize(self.image_proj(images), dim=-1)  # [b, 4]
-        text_emb = F.normalize(self.text_proj(texts), dim=-1)  # [b, 4]
-        return image_emb, text_emb, self.log_scale.exp()
+        image_emb = F.normalize(self.image_norm(self.image_proj(images)).to(images.dtype), dim=-1)
+        text_emb = F.normalize(self.text_norm(self.text_proj(texts)).to(texts.dtype), dim=-1)
+        return image_emb, text_emb, self.log_scale.exp()  # embeddings [b, 4]
 
 
 def full_batch():
@@ -169,11 +174,13 @@ def full_batch():
 
 
 def loss_and_grads(model, images, texts):
+    """ITC loss, parameter gradients and buffers (GlobalBatchNorm's running statistics)."""
     model.zero_grad(set_to_none=True)
     loss = itc_loss(*model(images, texts))
     loss.backward()
     unwrapped = getattr(model, "module", model)  # DDP prefixes names with "module."
-    return loss.detach(), {name: p.grad.clone() for name, p in unwrapped.named_parameters()}
+    grads = {name: p.grad.clone() for name, p in unwrapped.named_parameters()}
+    return loss.detach(), grads, {name: b.clone() for name, b in unwrapped.named_buffers()}
 
 
 def ddp_worker(rank, world_size, port, out_dir):
@@ -182,15 +189,18 @@ def ddp_worker(rank, world_size, port, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=60))
     try:
-        model = DistributedDataParallel(TinyDualEncoder().double())
         images, texts = full_batch()
         results = {}
-        for split, sizes in SPLITS.items():
-            start = sum(sizes[:rank])
-            local = slice(start, start + sizes[rank])
-            loss, grads = loss_and_grads(model, images[local], texts[local])
-            results[f"{split}/loss"] = loss
-            results.update({f"{split}/grad/{name}": g for name, g in grads.items()})
+        for batch_norm in (False, True):
+            model = DistributedDataParallel(TinyDualEncoder(batch_norm).double())
+            for split, sizes in SPLITS.items():
+                start = sum(sizes[:rank])
+                local = slice(start, start + sizes[rank])
+                loss, grads, buffers = loss_and_grads(model, images[local], texts[local])
+                key = f"{split}/bn={batch_norm}"
+                results[f"{key}/loss"] = loss
+                results.update({f"{key}/grad/{name}": g for name, g in grads.items()})
+                results.update({f"{key}/buffer/{name}": b for name, b in buffers.items()})
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # no rank tears gloo down while the other still talks to it
     finally:
@@ -206,18 +216,27 @@ def free_port():
 def test_ddp_itc_equals_single_process_on_concatenated_batch(tmp_path):
     mp.spawn(ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    reference_model = TinyDualEncoder().double()
     images, texts = full_batch()
-    for split, sizes in SPLITS.items():
-        n = sum(sizes)
-        loss, grads = loss_and_grads(reference_model, images[:n], texts[:n])
-        mean_loss = (ranks[0][f"{split}/loss"] + ranks[1][f"{split}/loss"]) / 2
-        assert torch.allclose(mean_loss, loss, rtol=0, atol=1e-6), split
-        for name, expected in grads.items():  # includes log_scale (learnable temperature)
-            for r in range(2):  # DDP averaged the gradient: every rank must hold the reference
-                got = ranks[r][f"{split}/grad/{name}"]
-                assert torch.allclose(got, expected, rtol=0, atol=1e-6), (split, name, r)
-            assert expected.abs().max() > 1e-3, (split, name)  # the check is not vacuous
+    for batch_norm in (False, True):
+        reference_model = TinyDualEncoder(batch_norm).double()
+        for split, sizes in SPLITS.items():
+            n, key = sum(sizes), f"{split}/bn={batch_norm}"
+            loss, grads, buffers = loss_and_grads(reference_model, images[:n], texts[:n])
+            mean_loss = (ranks[0][f"{key}/loss"] + ranks[1][f"{key}/loss"]) / 2
+            assert torch.allclose(mean_loss, loss, rtol=0, atol=1e-6), key
+            for name, expected in grads.items():  # includes log_scale (learnable temperature)
+                for r in range(2):  # DDP averaged the gradient: every rank must hold the reference
+                    got = ranks[r][f"{key}/grad/{name}"]
+                    assert torch.allclose(got, expected, rtol=0, atol=1e-6), (key, name, r)
+                if batch_norm and name.endswith("proj.bias"):  # the norm removes any shift
+                    assert expected.abs().max() < 1e-12, (key, name)
+                else:
+                    assert expected.abs().max() > 1e-3, (key, name)  # the check is not vacuous
+            assert len(buffers) == (4 if batch_norm else 0)
+            for name, expected in buffers.items():  # running mean/var: after 1 and 2 batches
+                for r in range(2):
+                    got = ranks[r][f"{key}/buffer/{name}"]
+                    assert torch.allclose(got, expected, rtol=0, atol=1e-6), (key, name, r)
 
 
 # ----------------------------------------------------------------------------------------------

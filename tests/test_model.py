@@ -15,8 +15,9 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import model as model_module
-from model import (PRESETS, ClassifierHead, Config, ConfigError, PTUnifier, WeightLoadError,
-                   key_padding_mask, resize_pos_embed)
+from model import (PRESETS, ClassifierHead, Config, ConfigError, GlobalBatchNorm, PTUnifier,
+                   WeightLoadError, key_padding_mask, resize_pos_embed, restore_running_statistics,
+                   save_running_statistics)
 
 TOL = 1e-5
 VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -277,6 +278,57 @@ def test_heads_and_temperature():
     assert head(torch.randn(3, 12)).shape == (3, 5)
 
 
+def test_global_batch_norm_equals_batchnorm1d_without_a_process_group():
+    """One process: output, input gradient and running statistics are nn.BatchNorm1d's
+    (affine=False) over two training batches, and eval uses the running statistics."""
+    ours, reference = GlobalBatchNorm(5), torch.nn.BatchNorm1d(5, affine=False).double()
+    generator = torch.Generator().manual_seed(0)
+    for n in (7, 3):
+        x = (torch.randn(n, 5, generator=generator, dtype=torch.float64) * 3 + 1).requires_grad_()
+        x_ref = x.detach().clone().requires_grad_()
+        out, out_ref = ours(x), reference(x_ref)
+        weights = torch.randn(n, 5, generator=generator, dtype=torch.float64)
+        (out * weights).sum().backward()
+        (out_ref * weights).sum().backward()
+        assert torch.allclose(out.double(), out_ref, atol=1e-5)
+        assert torch.allclose(x.grad, x_ref.grad, atol=1e-5)
+        assert torch.allclose(ours.running_mean.double(), reference.running_mean, atol=1e-6)
+        assert torch.allclose(ours.running_var.double(), reference.running_var, atol=1e-6)
+    ours.eval(), reference.eval()
+    x = torch.randn(4, 5, generator=generator, dtype=torch.float64)
+    assert torch.allclose(ours(x).double(), reference(x), atol=1e-5)
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        ours.train()(torch.randn(1, 5))
+
+
+def test_a_skipped_step_can_restore_the_running_statistics():
+    model = PTUnifier(PRESETS["tiny"])  # two GlobalBatchNorms: itc_image and itc_text
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    assert len(before) == 4
+    saved = save_running_statistics(model)
+    model.itc_image(torch.randn(6, 2 * PRESETS["tiny"].hidden_size))  # a training forward
+    assert not torch.equal(model.itc_image.batch_norm.running_mean, before["itc_image.batch_norm.running_mean"])
+    restore_running_statistics(model, saved)
+    for k, v in before.items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_itc_batch_norm_spreads_the_embeddings_at_init():
+    """README "Learning from scratch": at init every image gets nearly the same ITC embedding
+    (cosine close to 1 between different images); the tiny preset's batch norm spreads them."""
+    def mean_cosine(batch_norm):
+        torch.manual_seed(0)
+        model = PTUnifier(dataclasses.replace(PRESETS["tiny"], itc_batch_norm=batch_norm))
+        with torch.no_grad():
+            emb = model.itc_image(model(pixel_values=torch.randn(32, 3, 64, 64)).joint)  # [32, E]
+        cosine = emb @ emb.t()
+        return cosine[~torch.eye(32, dtype=torch.bool)].mean().item()
+
+    assert PRESETS["tiny"].itc_batch_norm and not Config().itc_batch_norm
+    assert mean_cosine(False) > 0.9
+    assert abs(mean_cosine(True)) < 0.1
+
+
 def test_clip_init_lets_the_class_token_read_the_images():
     """README "Learning from scratch", cause 1: under a uniform std-0.02 init the ViT class token's
     output barely differs between images; CLIP's init makes it vary an order of magnitude more."""
@@ -318,6 +370,12 @@ def test_param_groups_cover_every_parameter_once():
         assert group_of(p) == "other_no_decay"
     assert group_of(model.fusion.text_layers[0].cross_attn.q.weight) == "other_decay"
     assert groups["other_no_decay"]["weight_decay"] == 0.0
+    own = {g["name"]: g for g in model.param_groups(1e-5, 5e-5, temperature_lr=5e-3)}
+    assert own["temperature"]["params"] == [model.log_scale]
+    assert own["temperature"]["lr"] == 5e-3 and own["temperature"]["weight_decay"] == 0.0
+    assert not any(p is model.log_scale for p in own["other_no_decay"]["params"])
+    fixed = PTUnifier(dataclasses.replace(PRESETS["tiny"], learnable_temperature=False))
+    assert "temperature" not in {g["name"] for g in fixed.param_groups(temperature_lr=5e-3)}
 
 
 # -- config --------------------------------------------------------------------------------------

@@ -232,14 +232,15 @@ def test_optimizer_groups_follow_the_paper(synth_dir):
     """Encoders at lr_encoder, everything else at lr_other; pools and biases are not decayed."""
     tok = Tokenizer.load(synth_dir / "tokenizer.json")
     model = tiny_model(tok)
-    cfg = train.TrainConfig(lr_encoder=1e-5, lr_other=5e-5)
+    cfg = train.TrainConfig(lr_encoder=1e-5, lr_other=5e-5, lr_temperature=5e-3)
     opt = train.make_optimizer(model, cfg, torch.device("cpu"))
     group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
     named = dict(model.named_parameters())
-    assert len(group_of) == len(named)
+    assert len(group_of) == len(named) and "log_scale" in named  # tiny: learnable temperature
     for name, p in named.items():
         g = group_of[id(p)]
-        assert g["base_lr"] == (1e-5 if name.startswith(("vision.", "text.")) else 5e-5), name
-        if name.endswith("bias") or "prompts" in name or "norm" in name.lower():
+        lr = 1e-5 if name.startswith(("vision.", "text.")) else 5e-3 if name == "log_scale" else 5e-5
+        assert g["base_lr"] == lr, name
+        if name.endswith("bias") or "prompts" in name or "norm" in name.lower() or name == "log_scale":
             assert g["weight_decay"] == 0.0, name
     assert group_of[id(model.fusion.text_layers[0].fc1.weight)]["weight_decay"] == 0.01
