@@ -198,10 +198,12 @@ def lr_factor(step: int, total: int, warmup: float) -> float:
     return max(0.0, (total - step) / max(1, total - warm))
 
 
-def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> None:
+def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> float:
+    """Scale every group's base_lr by the schedule at `step`; returns the factor."""
     f = lr_factor(step, cfg.steps, cfg.warmup)
     for g in optimizer.param_groups:
         g["lr"] = g["base_lr"] * f
+    return f
 
 
 def make_optimizer(model: PTUnifier, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -422,7 +424,7 @@ def train(cfg: TrainConfig) -> dict:
         t_last, samples_since = time.perf_counter(), 0
         model.train()
         while state["step"] < cfg.steps:
-            set_lr(optimizer, state["step"], cfg)
+            lr_scale = set_lr(optimizer, state["step"], cfg)
             seed_step(cfg.seed, rt.rank, state["step"])
             itc_only = state["step"] < state["itc_only_until"]
             statistics = save_running_statistics(model)
@@ -457,7 +459,7 @@ def train(cfg: TrainConfig) -> dict:
             if state["step"] % cfg.log_every == 0 or state["step"] == cfg.steps:
                 now = time.perf_counter()
                 row = dict(step=state["step"], **{k: v.item() for k, v in running.items()},
-                           lr=cfg.lr_other * lr_factor(state["step"] - 1, cfg.steps, cfg.warmup), samples_per_s=samples_since / (now - t_last),
+                           lr=cfg.lr_other * lr_scale, samples_per_s=samples_since / (now - t_last),
                            skipped_steps=state["skipped_steps"])
                 t_last, samples_since = now, 0
                 bar.set_postfix(**{k: f"{row[k]:.3f}" for k in ("loss", "mlm", "itm", "itc") if k in row},
