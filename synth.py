@@ -3,15 +3,18 @@
 Every case gets ground-truth attributes (focal opacity in one of six zones, pleural effusion,
 cardiomegaly, pneumothorax, 0-3 nodules, a support device, plus described-but-invisible nuisance
 attributes), a grayscale chest-film-like rendering of them and a free-text report written from
-them (findings + impression, varied phrasing, order, synonyms and negations). From the cases it
-writes one task folder per PTUnifier task (paper 5.2, Table 2) in the manifest format of data.py:
+them (varied phrasing, order, synonyms and negations): a report = a header (view, comparison:
+the examination and comparison lines, not visible in the image) + the findings proper, and an
+impression. From the cases it writes one task folder per PTUnifier task (paper 5.2, Table 2) in
+the manifest format of data.py:
 
-  pretrain  image + [findings, impression]                 (MIMIC-CXR-like pre-training pairs)
+  pretrain  image + [report, impression]                   (MIMIC-CXR-like pre-training pairs)
   ic        image -> 6 multi-label findings                  (CheXpert-like, macro AUROC)
   tc        premise/hypothesis -> entailment/contradiction/neutral  (RadNLI-like, accuracy)
-  ts        findings -> impression                           (MIMIC-CXR summarisation, ROUGE-L)
-  retrieval image <-> findings                               (ROCO-like, R@1/5/10)
-  itg       image -> findings                                (report generation)
+  ts        report -> impression                             (MIMIC-CXR summarisation, ROUGE-L)
+  retrieval image <-> report                                 (ROCO-like, R@1/5/10)
+  itg       image -> findings, without the header            (report generation; as R2Gen's
+                                                              MIMIC-CXR findings section)
   vqa       image + question -> answer, closed and open      (VQA-RAD/SLAKE-like)
 
 "left"/"right" always mean the patient's side, which is the image's right/left (radiographic
@@ -22,6 +25,7 @@ The same --seed gives the same bytes. Run:
 """
 import argparse
 import json
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -359,8 +363,10 @@ def _nuisance_sentences(c: Case, rng) -> tuple[list[str], list[str]]:
     return first, last
 
 
-def write_findings(c: Case, rng) -> tuple[str, list[tuple[str, set]]]:
-    """Findings text and its attribute-bearing sentences [(sentence, attributes covered)]."""
+def write_findings(c: Case, rng) -> tuple[str, str, list[tuple[str, set]]]:
+    """(header, findings, tagged): the examination/comparison lines, the findings proper (the
+    attribute sentences in random group order, then volumes and bones) and its attribute-bearing
+    sentences [(sentence, attributes covered)]. The report text is header + " " + findings."""
     groups = [_lung_sentences(c, rng), _pleural_sentences(c, rng), [_heart_sentence(c, rng)]]
     device = _device_sentence(c, rng)
     if device:
@@ -368,8 +374,7 @@ def write_findings(c: Case, rng) -> tuple[str, list[tuple[str, set]]]:
     order = rng.permutation(len(groups))
     tagged = [s for g in order for s in groups[g]]
     first, last = _nuisance_sentences(c, rng)
-    text = " ".join(first + [s for s, _ in tagged] + last)
-    return text, tagged
+    return " ".join(first), " ".join([s for s, _ in tagged] + last), tagged
 
 
 def write_impression(c: Case, rng) -> str:
@@ -403,6 +408,38 @@ def write_impression(c: Case, rng) -> str:
                                 "No acute cardiopulmonary abnormality.",
                                 "No acute intrathoracic process.")))
     return " ".join(parts)
+
+
+# ----------------------------------------------------------------------------- reading reports back
+
+# The words that state each IC class in this generator's sentences (word prefixes, so that
+# "effusions", "nodular" and "lines" match): a CheXpert-labeler-like rule set for its vocabulary.
+LABEL_TERMS = {
+    "opacity": ("opacity", "opacification", "consolidation"),
+    "effusion": ("effusion",),
+    "cardiomegaly": ("cardiomegaly", "enlarged", "enlargement"),
+    "pneumothorax": ("pneumothorax",),
+    "nodule": ("nodule", "nodular"),
+    "device": ("tube", "catheter", "pacemaker", "line", "devices"),
+}
+NEGATIONS = frozenset(("no", "not", "without"))
+
+
+def label_report(text: str) -> list[int]:
+    """The IC_CLASSES a report states as present (1) or not (0), read back by rules as the
+    CheXpert labeler reads MIMIC-CXR reports: a class is present when one of its words occurs in
+    a sentence with no negation word before it ("No pneumothorax or pleural effusion is seen."
+    states neither); a "nodular opacity" is a nodule, not an opacity; never mentioned is 0.
+    Exact on every report this generator writes (a test); scores generated reports (clinical
+    efficacy, evaluate.clinical_efficacy)."""
+    present = set()
+    for sentence in text.lower().split("."):
+        words = re.findall(r"[a-z]+", sentence)
+        for i, word in enumerate(words):
+            if NEGATIONS.isdisjoint(words[:i]):
+                present |= {name for name, terms in LABEL_TERMS.items() if word.startswith(terms)
+                            and not (name == "opacity" and "nodular" in words)}
+    return [int(name in present) for name in IC_CLASSES]
 
 
 # ----------------------------------------------------------------------------- NLI and VQA
@@ -515,8 +552,9 @@ def make_case(seed: int, index: int, image_size: int) -> dict:
     """Everything about case `index`, from its own generator (so order/workers do not matter)."""
     rng = np.random.default_rng([seed, index])
     case = sample_case(rng)
-    findings, tagged = write_findings(case, rng)
-    return {"case": case, "findings": findings, "impression": write_impression(case, rng),
+    header, findings, tagged = write_findings(case, rng)
+    return {"case": case, "report": f"{header} {findings}", "findings": findings,
+            "impression": write_impression(case, rng),
             "nli": nli_pair(case, tagged, rng), "vqa": vqa_questions(case, rng),
             "pixels": render(case, image_size, rng)}
 
@@ -532,12 +570,12 @@ def task_records(items: list[dict], splits: list[str]) -> dict[str, list[dict]]:
     for it, split in zip(items, splits):
         cid, image = it["id"], f"{it['id']}.png"
         base = {"id": cid, "split": split}
-        tasks["pretrain"].append({**base, "image": image, "texts": [it["findings"], it["impression"]]})
+        tasks["pretrain"].append({**base, "image": image, "texts": [it["report"], it["impression"]]})
         tasks["ic"].append({**base, "image": image, "labels": _labels(it["case"])})
         premise, hyp, label = it["nli"]
         tasks["tc"].append({**base, "text_a": premise, "text_b": hyp, "label": label})
-        tasks["ts"].append({**base, "source": it["findings"], "target": it["impression"]})
-        tasks["retrieval"].append({**base, "image": image, "text": it["findings"]})
+        tasks["ts"].append({**base, "source": it["report"], "target": it["impression"]})
+        tasks["retrieval"].append({**base, "image": image, "text": it["report"]})
         tasks["itg"].append({**base, "image": image, "report": it["findings"]})
         for k, (question, answer, kind) in enumerate(it["vqa"]):
             tasks["vqa"].append({"id": f"{cid}-q{k}", "split": split, "image": image,
@@ -628,19 +666,20 @@ def generate(out, n_train=3000, n_val=300, n_test=1000, seed=0, image_size=128,
                      "vqa": {"answers": answers}}.get(task, {}))
         data.write_manifest(out / task, records, meta)
     train_texts = [t for it, s in zip(items, splits) if s == "train"
-                   for t in (it["findings"], it["impression"], *it["nli"][:2],
+                   for t in (it["report"], it["impression"], *it["nli"][:2],
                              *(q for q, _, _ in it["vqa"]))]
     tok = data.Tokenizer.train(train_texts, vocab_size, out / "tokenizer.json")
     test = [it for it, s in zip(items, splits) if s == "test"]
-    train_findings = {it["findings"] for it, s in zip(items, splits) if s == "train"}
+    seen = {key: {it[key] for it, s in zip(items, splits) if s == "train"} for key in ("report", "findings")}
     summary = {
         "seed": seed, "image_size": image_size, "tokenizer_vocab_size": tok.vocab_size,
         "cases": {"train": n_train, "val": n_val, "test": n_test},
         "counts": {t: Counter(r["split"] for r in rs) for t, rs in tasks.items()},
+        "duplicate_rate_test_reports": duplicate_rate([it["report"] for it in test]),
         "duplicate_rate_test_findings": duplicate_rate([it["findings"] for it in test]),
         "duplicate_rate_test_impression": duplicate_rate([it["impression"] for it in test]),
-        "test_findings_seen_in_train": sum(it["findings"] in train_findings for it in test)
-        / max(1, len(test)),
+        "test_reports_seen_in_train": sum(it["report"] in seen["report"] for it in test) / max(1, len(test)),
+        "test_findings_seen_in_train": sum(it["findings"] in seen["findings"] for it in test) / max(1, len(test)),
         "chance": chance_levels(tasks),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -658,8 +697,10 @@ def readme(s: dict) -> str:
         "## Records per task and split", "",
         *(f"- {t}: {dict(c)}" for t, c in s["counts"].items()), "",
         "## Report uniqueness", "",
-        f"- test findings that are not unique within test: {s['duplicate_rate_test_findings']:.2%}",
+        f"- test reports (header + findings) that are not unique within test: {s['duplicate_rate_test_reports']:.2%}",
+        f"- test findings (the itg target) that are not unique within test: {s['duplicate_rate_test_findings']:.2%}",
         f"- test impressions that are not unique within test: {s['duplicate_rate_test_impression']:.2%}",
+        f"- test reports identical to some train report: {s['test_reports_seen_in_train']:.2%}",
         f"- test findings identical to some train findings: {s['test_findings_seen_in_train']:.2%}", "",
         "## Chance / trivial-baseline levels (test split)", "",
         f"- ic: macro AUROC 0.5; prevalence {json.dumps({k: round(v, 3) for k, v in ch['ic']['test_prevalence'].items()})}",
@@ -711,8 +752,8 @@ def main(argv=None):
     if a.preview:
         preview(a.out)
     print(f"wrote {a.out} in {time.time() - start:.1f}s: {sum(s['cases'].values())} cases, "
-          f"vocab {s['tokenizer_vocab_size']}, test findings duplicate rate "
-          f"{s['duplicate_rate_test_findings']:.2%}")
+          f"vocab {s['tokenizer_vocab_size']}, test duplicate rate: reports "
+          f"{s['duplicate_rate_test_reports']:.2%}, findings {s['duplicate_rate_test_findings']:.2%}")
 
 
 if __name__ == "__main__":

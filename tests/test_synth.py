@@ -58,7 +58,7 @@ def test_task_folders_valid_and_splits_disjoint(two_runs):
 
 def test_summary_reports_duplicates_and_chance(two_runs):
     s = json.loads((two_runs[0] / "summary.json").read_text())
-    assert 0 <= s["duplicate_rate_test_findings"] <= 1
+    assert 0 <= s["duplicate_rate_test_findings"] <= 1 and 0 <= s["duplicate_rate_test_reports"] <= 1
     assert s["chance"]["retrieval"]["R@1"] == pytest.approx(1 / 5)
     assert s["chance"]["ic"]["macro_auroc"] == 0.5
     assert "not unique within test" in (two_runs[0] / "README.md").read_text()
@@ -70,7 +70,7 @@ def test_reports_are_mostly_unique_and_state_the_attributes():
     for i in range(300):
         item = synth.make_case(0, i, 16)
         c, text = item["case"], item["findings"].lower()
-        findings.append(item["findings"])
+        findings.append(item["findings"])  # the itg target: unique without the header too
         assert ("pneumothorax" in text) and ("effusion" in text or "costophrenic" in text)
         if c.cardiomegaly:
             assert "enlarge" in text or "cardiomegaly" in text
@@ -78,6 +78,36 @@ def test_reports_are_mostly_unique_and_state_the_attributes():
             assert c.device.lower() in text
         assert all(len(t.split()) >= 3 for t in (item["findings"], item["impression"]))
     assert synth.duplicate_rate(findings) < 0.05
+
+
+def test_itg_findings_are_the_report_without_its_header():
+    for i in range(50):
+        item = synth.make_case(0, i, 16)
+        header = item["report"][: len(item["report"]) - len(item["findings"])]
+        assert item["report"].endswith(" " + item["findings"]) and header.strip()
+        assert synth.label_report(header) == [0] * 6  # view and comparison lines state no finding
+
+
+def test_label_report_reads_back_every_generated_report():
+    """The labeler recovers the ground truth exactly from the findings and from the full report."""
+    for i in range(400):
+        item = synth.make_case(1, i, 16)
+        truth = synth._labels(item["case"])
+        assert synth.label_report(item["findings"]) == truth, item["findings"]
+        assert synth.label_report(item["report"]) == truth
+
+
+def test_label_report_by_hand():
+    read = lambda text: dict(zip(synth.IC_CLASSES, synth.label_report(text)))  # noqa: E731
+    assert read("No pneumothorax or pleural effusion is seen. Lungs are clear bilaterally.") == \
+        dict.fromkeys(synth.IC_CLASSES, 0)
+    state = read("Multiple (two) nodular opacities up to 18 mm. The heart is not enlarged. "
+                 "There is no pneumothorax. A small left effusion blunts the costophrenic angle.")
+    assert state == dict(opacity=0, effusion=1, cardiomegaly=0, pneumothorax=0, nodule=1, device=0)
+    state = read("Both lungs are clear without focal consolidation. Moderate enlargement of the "
+                 "cardiac silhouette. Left PICC line in good position. Hazy opacity in the lingula.")
+    assert state == dict(opacity=1, effusion=0, cardiomegaly=1, pneumothorax=0, nodule=0, device=1)
+    assert read("") == dict.fromkeys(synth.IC_CLASSES, 0)
 
 
 def test_findings_change_the_pixels():
