@@ -115,6 +115,25 @@ def accuracy(pred, target) -> float:
     return float(np.mean(p == t))
 
 
+def clinical_efficacy(pred, target, classes: Sequence[str]) -> dict:
+    """Clinical efficacy of generated reports (as R2Gen and later report-generation papers score
+    MIMIC-CXR with the CheXpert labeler): pred / target [N, C] 0/1 labels read from the generated
+    and the reference reports. Micro precision, recall and F1 over all N x C cells, macro F1 (mean
+    of the per-class F1) and each class's F1; a ratio with a zero denominator is 0 (scikit-learn's
+    zero_division=0)."""
+    p = _to_numpy(pred, "pred").astype(bool)
+    t = _to_numpy(target, "target").astype(bool)
+    if p.shape != t.shape or p.ndim != 2 or p.shape[1] != len(classes) or p.shape[0] == 0:
+        raise ValueError(f"evaluate.py clinical_efficacy: pred {p.shape} and target {t.shape} must both be "
+                         f"[N > 0, {len(classes)}] (one column per class)")
+    ratio = lambda a, b: float(a / b) if b else 0.0  # noqa: E731
+    tp, fp, fn = (p & t).sum(0), (p & ~t).sum(0), (~p & t).sum(0)  # [C] each
+    f1 = [ratio(2 * a, 2 * a + b + c) for a, b, c in zip(tp, fp, fn)]
+    return dict(ce_precision=ratio(tp.sum(), tp.sum() + fp.sum()), ce_recall=ratio(tp.sum(), tp.sum() + fn.sum()),
+                ce_f1=ratio(2 * tp.sum(), 2 * tp.sum() + fp.sum() + fn.sum()), ce_macro_f1=float(np.mean(f1)),
+                ce_f1_per_class=dict(zip(classes, f1)))
+
+
 # ---- VQA --------------------------------------------------------------------------------------
 
 
@@ -634,6 +653,7 @@ TABLE = [("Uni-modal", "IC AUROC", "ic", "macro_auroc"),
          ("Cross-modal", "TIR R@1", "retrieval", "t2i_r1"),
          ("Cross-modal", "ITG BLEU-4", "itg", "bleu_4"),
          ("Cross-modal", "ITG ROUGE-L", "itg", "rouge_l"),
+         ("Cross-modal", "ITG CE F1", "itg", "ce_f1"),
          ("Multi-modal", "VQA Acc", "vqa", "overall")]
 
 
@@ -641,10 +661,22 @@ def _most_common(values):
     return Counter(values).most_common(1)[0][0]
 
 
+def report_efficacy(root, generated: dict[str, str]) -> dict:
+    """Clinical efficacy of generated findings {case id: text} on the synthetic benchmark in
+    `root`: the classes each text states, read back by synth.label_report, against the ground
+    truth of the same cases (the ic task's labels)."""
+    from pathlib import Path
+    import synth
+    truth = {r["id"]: r["labels"] for r in read_manifest(Path(root) / "ic", "test")[0]}
+    ids = list(generated)
+    return clinical_efficacy([synth.label_report(generated[i]) for i in ids], [truth[i] for i in ids],
+                             synth.IC_CLASSES)
+
+
 def trivial_baselines(root) -> dict[str, dict]:
     """Test metrics of answers that ignore the input, computed with the same metric code: a
-    constant score (AUROC 0.5), the training split's most frequent class / answer / text, and
-    chance-level recall (K / N)."""
+    constant score (AUROC 0.5), the training split's most frequent class / answer / text (its
+    clinical efficacy too, for the report), and chance-level recall (K / N)."""
     from pathlib import Path
     root = Path(root)
     split = lambda task, s: read_manifest(root / task, s)[0]  # noqa: E731
@@ -656,7 +688,9 @@ def trivial_baselines(root) -> dict[str, dict]:
         test = split(task, "test")
         scores = nlg_metrics({r["id"]: constant for r in test}, {r["id"]: [r[field]] for r in test},
                              with_meteor=False)
-        out[task] = {"rouge_l": scores.rouge_l, "bleu_4": scores.bleu_4}
+        out[task] = {"rouge_l": scores.rouge_l, "bleu_4": scores.bleu_4, "cider": scores.cider}
+        if task == "itg":
+            out[task].update(report_efficacy(root, {r["id"]: constant for r in test}))
     n = len(split("retrieval", "test"))
     out["retrieval"] = {"i2t_r1": 1 / n, "t2i_r1": 1 / n}
     answer = _most_common(r["answer"] for r in split("vqa", "train"))
@@ -741,6 +775,8 @@ def run_benchmark(checkpoint, root, out, device="auto") -> dict:
         cfg = finetune.FinetuneConfig(task=task, data=str(root / task), init=str(checkpoint),
                                       out=str(out / task), device=device.type)
         results[task] = finetune.finetune(cfg)
+    generated = [json.loads(line) for line in (out / "itg" / "test_generations.jsonl").open()]
+    results["itg"]["test"].update(report_efficacy(root, {g["id"]: g["generated"] for g in generated}))
     rows = {"trivial baseline": trivial_baselines(root),
             "PTUnifier zero-shot": {"ic": {"macro_auroc": zs_ic["macro_auroc"]},
                                     "retrieval": {k: zs_ret[k] for k in ("i2t_r1", "t2i_r1")}},

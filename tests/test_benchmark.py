@@ -32,6 +32,13 @@ def test_trivial_baselines_by_hand(bench_root):
     assert base["retrieval"] == {"i2t_r1": 1 / 12, "t2i_r1": 1 / 12}
     assert base["ic"] == {"macro_auroc": 0.5}
     assert 0 <= base["ts"]["rouge_l"] <= 1 and 0 <= base["itg"]["bleu_4"] <= 1
+    itg_train, _ = read_manifest(bench_root / "itg", "train")
+    constant = Counter(r["report"] for r in itg_train).most_common(1)[0][0]
+    stated = synth.label_report(constant)
+    truth = [r["labels"] for r in read_manifest(bench_root / "ic", "test")[0]]
+    tp = sum(s and t for row in truth for s, t in zip(stated, row))
+    wrong = sum(s != t for row in truth for s, t in zip(stated, row))  # fp + fn
+    assert base["itg"]["ce_f1"] == pytest.approx(2 * tp / (2 * tp + wrong) if tp + wrong else 0.0)
 
 
 def test_table_follows_table_2_layout():
@@ -39,10 +46,10 @@ def test_table_follows_table_2_layout():
     lines = evaluate.table_markdown(rows).splitlines()
     titles = [c.strip() for c in lines[0].split("|")[1:-1]]
     assert titles[:2] == ["method", "Uni-modal: IC AUROC"] and titles[-1] == "Multi-modal: VQA Acc"
-    assert sum(t.startswith("Cross-modal") for t in titles) == 4
-    assert lines[1] == "|---" * 9 + "|"
-    assert lines[2] == "| a | 90.0 | - | - | - | - | - | - | 50.0 |"
-    assert lines[3].count("-") == 8
+    assert sum(t.startswith("Cross-modal") for t in titles) == 5
+    assert lines[1] == "|---" * 10 + "|"
+    assert lines[2] == "| a | 90.0 | - | - | - | - | - | - | - | 50.0 |"
+    assert lines[3].count("-") == 9
 
 
 def test_benchmark_driver_end_to_end(bench_root, tmp_path, monkeypatch):
@@ -63,4 +70,6 @@ def test_benchmark_driver_end_to_end(bench_root, tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "bench" / "table.json").read_text())
     assert saved["rows"]["PTUnifier fine-tuned"]["vqa"]["overall"] == rows["PTUnifier fine-tuned"]["vqa"]["overall"]
     assert (tmp_path / "bench" / "table.md").read_text().count("\n") == 5
+    generated = (tmp_path / "bench" / "itg" / "test_generations.jsonl").read_text().splitlines()
+    assert len(generated) == 12 and 0 <= rows["PTUnifier fine-tuned"]["itg"]["ce_f1"] <= 1
     assert (tmp_path / "bench" / "examples.png").stat().st_size > 1000

@@ -13,11 +13,11 @@ from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import precision_recall_fscore_support, roc_auc_score
 
 import evaluate
-from evaluate import (accuracy, auroc, macro_auroc, nlg_metrics, normalize_text, recall_at_k,
-                      vqa_accuracy)
+from evaluate import (accuracy, auroc, clinical_efficacy, macro_auroc, nlg_metrics, normalize_text,
+                      recall_at_k, vqa_accuracy)
 
 # ---- AUROC ------------------------------------------------------------------------------------
 
@@ -63,6 +63,31 @@ def test_macro_auroc_constant_class_raises():
     labels = np.array([[0, 1], [1, 1], [0, 1]])
     with pytest.raises(ValueError, match="class 1"):
         macro_auroc(np.random.rand(3, 2), labels)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_clinical_efficacy_matches_sklearn(seed):
+    """Micro P/R/F1, macro F1 and per-class F1 equal scikit-learn's (zero_division=0), including a
+    class never predicted, a class never present and one neither predicted nor present."""
+    rng = np.random.default_rng(seed)
+    target, pred = rng.integers(0, 2, (60, 5)), rng.integers(0, 2, (60, 5))
+    pred[:, 1] = 0
+    target[:, 2] = 0
+    pred[:, 4] = target[:, 4] = 0
+    ce = clinical_efficacy(pred, target, list("abcde"))
+    micro = precision_recall_fscore_support(target, pred, average="micro", zero_division=0)
+    per_class = precision_recall_fscore_support(target, pred, average=None, zero_division=0)[2]
+    assert (ce["ce_precision"], ce["ce_recall"], ce["ce_f1"]) == pytest.approx(micro[:3], abs=1e-12)
+    assert ce["ce_macro_f1"] == pytest.approx(per_class.mean(), abs=1e-12)
+    assert list(ce["ce_f1_per_class"].values()) == pytest.approx(list(per_class), abs=1e-12)
+
+
+def test_clinical_efficacy_by_hand_and_shape_errors():
+    ce = clinical_efficacy([[1, 0], [1, 1]], [[1, 1], [0, 1]], ["x", "y"])  # tp 2, fp 1, fn 1
+    assert (ce["ce_precision"], ce["ce_recall"], ce["ce_f1"]) == pytest.approx((2 / 3, 2 / 3, 2 / 3))
+    assert ce["ce_f1_per_class"] == pytest.approx({"x": 2 / 3, "y": 2 / 3})
+    with pytest.raises(ValueError, match="one column per class"):
+        clinical_efficacy([[1, 0]], [[1, 0]], ["x", "y", "z"])
 
 
 # ---- accuracy and VQA ---------------------------------------------------------------------------
