@@ -753,6 +753,19 @@ def example_sheet(model, tokenizer, root, vqa_checkpoint, device, path, n: int =
     sheet.save(path)
 
 
+def check_synthetic_version(root) -> None:
+    """Refuse a benchmark folder written by another synth.py version (its tasks differ)."""
+    import json
+    from pathlib import Path
+    import synth
+    path = Path(root) / "summary.json"
+    version = json.loads(path.read_text()).get("version", 1) if path.is_file() else None
+    if version != synth.VERSION:
+        raise SystemExit(f"{path}: synthetic benchmark version {version}, this synth.py writes version "
+                         f"{synth.VERSION} (version 2: the itg target lost its header lines); regenerate "
+                         f"it with: python synth.py --out {root}")
+
+
 def run_benchmark(checkpoint, root, out, device="auto") -> dict:
     """Zero-shot evaluation of `checkpoint`, then fine-tune and test it on every task of the
     benchmark in `root`; writes table.md, table.json and examples.png under `out`."""
@@ -762,6 +775,7 @@ def run_benchmark(checkpoint, root, out, device="auto") -> dict:
     from checkpoint import load_pretrained
     from data import Tokenizer
     root, out = Path(root), Path(out)
+    check_synthetic_version(root)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                           ("cpu" if device == "auto" else device))

@@ -44,6 +44,7 @@ SIZES = ("small", "moderate", "large")
 DEVICES = ("endotracheal tube", "right internal jugular catheter", "nasogastric tube",
            "left-sided pacemaker", "left PICC line")
 IC_CLASSES = ["opacity", "effusion", "cardiomegaly", "pneumothorax", "nodule", "device"]
+VERSION = 2  # summary.json "version"; 2: the itg target is the findings without the header
 TC_CLASSES = ["entailment", "contradiction", "neutral"]
 NUMBER_WORDS = ("no", "one", "two", "three")
 
@@ -672,7 +673,7 @@ def generate(out, n_train=3000, n_val=300, n_test=1000, seed=0, image_size=128,
     test = [it for it, s in zip(items, splits) if s == "test"]
     seen = {key: {it[key] for it, s in zip(items, splits) if s == "train"} for key in ("report", "findings")}
     summary = {
-        "seed": seed, "image_size": image_size, "tokenizer_vocab_size": tok.vocab_size,
+        "version": VERSION, "seed": seed, "image_size": image_size, "tokenizer_vocab_size": tok.vocab_size,
         "cases": {"train": n_train, "val": n_val, "test": n_test},
         "counts": {t: Counter(r["split"] for r in rs) for t, rs in tasks.items()},
         "duplicate_rate_test_reports": duplicate_rate([it["report"] for it in test]),

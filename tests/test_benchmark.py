@@ -41,6 +41,16 @@ def test_trivial_baselines_by_hand(bench_root):
     assert base["itg"]["ce_f1"] == pytest.approx(2 * tp / (2 * tp + wrong) if tp + wrong else 0.0)
 
 
+def test_benchmark_refuses_another_synth_version(bench_root, tmp_path):
+    old = tmp_path / "old"
+    old.mkdir()
+    summary = json.loads((bench_root / "summary.json").read_text())
+    (old / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "version"}))
+    with pytest.raises(SystemExit, match="version 1, this synth.py writes version 2.*python synth.py --out"):
+        evaluate.run_benchmark("unused.safetensors", old, tmp_path / "out", "cpu")
+    evaluate.check_synthetic_version(bench_root)  # the current version passes
+
+
 def test_table_follows_table_2_layout():
     rows = {"a": {"ic": {"macro_auroc": 0.9}, "vqa": {"overall": 0.5}}, "b": {}}
     lines = evaluate.table_markdown(rows).splitlines()
