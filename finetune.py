@@ -134,7 +134,7 @@ FT_DEFAULTS = {
              "vqa": dict(epochs=6, batch_size=64, **TINY_LR),
              "ts": dict(epochs=6, batch_size=64, no_repeat_ngram=3, **TINY_LR),
              "itg": dict(epochs=15, batch_size=64, **TINY_LR),
-             "retrieval": dict(epochs=2, batch_size=64, **TINY_LR)},
+             "retrieval": dict(epochs=6, batch_size=64, **TINY_LR)},
 }
 
 
