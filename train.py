@@ -154,12 +154,17 @@ class PretrainStep(nn.Module):
         if reuse_text:
             words, words_query = m.encode_text(batch.input_ids, batch.attention_mask, return_query=True)
 
-        def image(rows=slice(None)) -> dict:
-            """Image inputs of a fusion pass: rows of the shared ViT output, or (naive step) the
-            raw pixels, so that every pass runs the ViT again."""
+        def image(rows=None) -> dict:
+            """Image inputs of a fusion pass (rows [B] of the batch's images, or all): rows of the
+            shared ViT output, or (naive step) the raw pixels, so that every pass runs the ViT again.
+            index_select, not states[rows]: its backward adds duplicated rows in index order, where
+            advanced indexing accumulates them with parallel atomic adds on the CPU (last bits then
+            differ from run to run)."""
             if self.reuse:
-                return dict(image_states=states[rows], image_query=query[rows])
-            return dict(pixel_values=batch.pixel_values[rows])
+                if rows is None:
+                    return dict(image_states=states, image_query=query)
+                return dict(image_states=states.index_select(0, rows), image_query=query.index_select(0, rows))
+            return dict(pixel_values=batch.pixel_values if rows is None else batch.pixel_values[rows])
 
         def text() -> dict:
             """Text inputs of passes 2 and 4: the shared encoding, or the ids (encoded again)."""

@@ -142,45 +142,68 @@ def test_itc_start_ends_when_the_moving_average_is_margin_below_chance():
     assert state["itc_only_until"] == 3 and state["itc_average"] == pytest.approx(3.93874, abs=1e-4)
 
 
-def test_resume_is_exact(synth_dir, tmp_path, monkeypatch):
-    """N steps straight == K steps, stop (as on SIGTERM), resume, N-K steps: identical parameters.
-
-    One intra-op thread: with several, CPU kernels may split reductions differently from run to run,
-    which changes the last bits (about 1e-9) whether or not a run was resumed."""
-    n, k = 6, 3
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads, as on the CI machine: CPU kernels that accumulate with atomics in
+    parallel (index_put_ with accumulate, the backward of advanced indexing) would change the last
+    bits from run to run; the pre-training step must not use them."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    train.main(run_args(synth_dir, tmp_path / "straight", "--steps", str(n)))
-
-    class StopAfterK(train.StopSignal):
-        checks = 0
-
-        @property
-        def received(self):
-            StopAfterK.checks += 1
-            return "SIGTERM" if StopAfterK.checks >= k else None
-
-        @received.setter
-        def received(self, value):
-            pass
-
-    monkeypatch.setattr(train, "StopSignal", StopAfterK)
-    result = train.train(train.parse_args(run_args(synth_dir, tmp_path / "split", "--steps", str(n))))
-    assert result == dict(stopped=True, step=k)
-    monkeypatch.undo()
-    train.main(run_args(synth_dir, tmp_path / "split", "--steps", str(n), "--resume"))
-
-    meta_a, a = read_checkpoint(tmp_path / "straight" / "checkpoint.safetensors")
-    meta_b, b = read_checkpoint(tmp_path / "split" / "checkpoint.safetensors")
-    assert meta_a["state"]["step"] == meta_b["state"]["step"] == n
-    assert meta_a["state"] == meta_b["state"]  # incl. the ITC moving average of the ITC-only start
-    assert 0 < meta_a["state"]["itc_only_until"] < n and meta_a["state"]["itc_average"] != math.log(8)
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-    rows = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, n + 1))
+    torch.set_num_threads(2)
+    yield
     torch.set_num_threads(threads)
+
+
+# Batch 16 with every objective from the first step: the ITM pass then reads 16 x 17 x 128 image
+# states, above the size at which PyTorch runs an accumulating index_put_ in parallel.
+DETERMINISM_ARGS = ("--batch-size", "16", "--itc-warmup", "0")
+
+
+def assert_same_checkpoints(a: Path, b: Path) -> None:
+    meta_a, ta = read_checkpoint(a)
+    meta_b, tb = read_checkpoint(b)
+    assert meta_a["state"] == meta_b["state"]
+    assert ta.keys() == tb.keys()
+    different = [name for name in ta if not torch.equal(ta[name], tb[name])]
+    assert different == [], f"{len(different)} of {len(ta)} tensors differ, e.g. {different[:3]}"
+
+
+def test_two_runs_with_two_threads_are_bit_identical(synth_dir, tmp_path, two_threads):
+    for name in ("a", "b"):
+        train.main(run_args(synth_dir, tmp_path / name, "--steps", "24", *DETERMINISM_ARGS))
+    assert_same_checkpoints(tmp_path / "a" / "checkpoint.safetensors",
+                            tmp_path / "b" / "checkpoint.safetensors")
+
+
+def test_resume_is_exact(synth_dir, tmp_path, monkeypatch, two_threads):
+    """N steps straight == K steps, stop (as on SIGTERM), resume, N-K steps: identical parameters,
+    with two threads; the default run's ITC-only start and its moving average survive too."""
+    n, k = 6, 3
+    for extra in (DETERMINISM_ARGS, ("--batch-size", "8")):
+        straight, split = tmp_path / f"straight{extra[1]}", tmp_path / f"split{extra[1]}"
+        train.main(run_args(synth_dir, straight, "--steps", str(n), *extra))
+
+        class StopAfterK(train.StopSignal):
+            checks = 0
+
+            @property
+            def received(self):
+                StopAfterK.checks += 1
+                return "SIGTERM" if StopAfterK.checks >= k else None
+
+            @received.setter
+            def received(self, value):
+                pass
+
+        with monkeypatch.context() as patched:
+            patched.setattr(train, "StopSignal", StopAfterK)
+            result = train.train(train.parse_args(run_args(synth_dir, split, "--steps", str(n), *extra)))
+        assert result == dict(stopped=True, step=k)
+        train.main(run_args(synth_dir, split, "--steps", str(n), "--resume", *extra))
+        assert_same_checkpoints(straight / "checkpoint.safetensors", split / "checkpoint.safetensors")
+        rows = [json.loads(line) for line in (split / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == list(range(1, n + 1))
+    state = read_checkpoint(straight / "checkpoint.safetensors")[0]["state"]  # the ITC-only start
+    assert 0 < state["itc_only_until"] < n and state["itc_average"] != math.log(8)
 
 
 def test_sigterm_saves_a_loadable_checkpoint(synth_dir, tmp_path):
