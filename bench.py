@@ -51,7 +51,9 @@ import torch
 import train
 from data import Batch, PretrainDataset, Tokenizer, itm_pairs, make_train_stream
 from losses import LossWeights
-from model import PRESETS, Config, PTUnifier
+from hf import config_from_hf, load_hf_encoders
+from model import Config, PTUnifier
+from recipes import RECIPES
 
 RESULTS = Path("bench_results")
 # Dense bf16 tensor-core peak FLOP/s (vendor datasheets, without sparsity). A CPU has no sensible
@@ -248,7 +250,7 @@ def model_config(args) -> Config:
         over.update(vision_layers=args.layers, text_layers=args.layers, fusion_layers=args.layers)
     if args.vocab_size:
         over["vocab_size"] = args.vocab_size
-    return dataclasses.replace(PRESETS[args.preset], **over)
+    return dataclasses.replace(RECIPES[args.preset].model, **over)
 
 
 def synthetic_batch(cfg: Config, batch: int, text_len: int, seed: int = 0) -> Batch:
@@ -271,7 +273,7 @@ def synthetic_batch(cfg: Config, batch: int, text_len: int, seed: int = 0) -> Ba
 
 def build_setup(args) -> Setup:
     device = torch.device(args.device)
-    if device.type == "cuda":  # as train.setup_runtime
+    if device.type == "cuda":  # as runtime.setup_runtime
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     amp = {"auto": torch.bfloat16 if device.type == "cuda" else None, "fp32": None,
@@ -342,7 +344,7 @@ def rss_gb() -> float:
 
 def gpu_target_row() -> dict:
     """The GPU row of the issue's targets with its analytic FLOPs; never an estimate of speed."""
-    cfg = dataclasses.replace(PRESETS[GPU_TARGET["preset"]], image_size=GPU_TARGET["image_size"])
+    cfg = dataclasses.replace(RECIPES[GPU_TARGET["preset"]].model, image_size=GPU_TARGET["image_size"])
     flops = step_flops(cfg, GPU_TARGET["batch"], cfg.max_text_len)
     return {"variant": f"base cuda bf16 {GPU_TARGET['image_size']}px B={GPU_TARGET['batch']}",
             "step_s": "not yet measured", "samples_per_s": "not yet measured",
@@ -498,10 +500,10 @@ def build_encoder_pair(args, folder: Path):
         add_pooling_layer=False)
     clip.save_pretrained(folder / "clip")
     roberta.save_pretrained(folder / "roberta")
-    cfg = Config.from_hf(vision=folder / "clip", text=folder / "roberta",
+    cfg = config_from_hf(vision=folder / "clip", text=folder / "roberta",
                          image_size=args.image_size, fusion_layers=1)
     ours = PTUnifier(cfg)
-    ours.load_hf_encoders(vision=folder / "clip", text=folder / "roberta")
+    load_hf_encoders(ours, vision=folder / "clip", text=folder / "roberta")
     return clip.train(), roberta.train(), ours.train()
 
 
@@ -522,13 +524,13 @@ def bench_encoders(args) -> dict:
 
     cases = {
         "vision/transformers": hf_vision,
-        "vision/ours": lambda: ours.encode_image(pixels).square().mean(),
+        "vision/ours": lambda: ours.encode_image(pixels).states.square().mean(),
         "text/transformers": lambda: roberta(
             input_ids=ids, attention_mask=full).last_hidden_state.square().mean(),
-        "text/ours": lambda: ours.encode_text(ids, full).square().mean(),
+        "text/ours": lambda: ours.encode_text(ids, full).states.square().mean(),
         "text_padded/transformers": lambda: roberta(
             input_ids=ids_padded, attention_mask=padded).last_hidden_state.square().mean(),
-        "text_padded/ours": lambda: ours.encode_text(ids_padded, padded).square().mean(),
+        "text_padded/ours": lambda: ours.encode_text(ids_padded, padded).states.square().mean(),
     }
     medians = interleaved_medians(cases, args.repeats, args.warmup)
     rows = []
@@ -591,7 +593,7 @@ def save(name: str, result: dict) -> Path:
 
 def add_common(p: argparse.ArgumentParser) -> None:
     """Flags shared by step, reuse, compile, data and flops."""
-    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model preset")
+    p.add_argument("--preset", choices=sorted(RECIPES), default="tiny", help="model preset")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
                    help="autocast dtype; auto = bf16 on CUDA (as train.py), fp32 on CPU")

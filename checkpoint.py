@@ -21,6 +21,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from model import Config, PTUnifier
+
 FORMAT = "ptunifier-checkpoint-v1"
 
 
@@ -84,6 +86,15 @@ def save_checkpoint(path, model, optimizer, scaler, state: dict, model_cfg, trai
 
 def read_checkpoint(path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(metadata, tensors) of a checkpoint file, with a clear error for anything that is not one."""
+    return _read(path, with_tensors=True)
+
+
+def read_metadata(path) -> dict:
+    """The metadata of a checkpoint file (its header only; the tensors are not read)."""
+    return _read(path, with_tensors=False)[0]
+
+
+def _read(path, with_tensors: bool) -> tuple[dict, dict[str, torch.Tensor]]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -92,7 +103,7 @@ def read_checkpoint(path) -> tuple[dict, dict[str, torch.Tensor]]:
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if with_tensors else {}
     except Exception as e:  # safetensors raises its own error types for bad headers and short files
         raise CheckpointError(f"{path} is not a readable safetensors checkpoint (truncated, or another "
                               f"format such as a pickle, which is never loaded): {e}") from e
@@ -102,7 +113,7 @@ def read_checkpoint(path) -> tuple[dict, dict[str, torch.Tensor]]:
     meta = json.loads(raw["ptunifier"])
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: unknown checkpoint format {meta.get('format')!r}, expected {FORMAT!r}")
-    for alias, source in meta["aliases"].items():
+    for alias, source in meta["aliases"].items() if with_tensors else ():
         tensors[alias] = tensors[source]
     return meta, tensors
 
@@ -124,18 +135,10 @@ def load_model_state(path, meta: dict, tensors: dict[str, torch.Tensor], model) 
 
 def load_pretrained(path):
     """(PTUnifier rebuilt from the checkpoint's own Config with its weights, metadata, tensors)."""
-    from model import Config, PTUnifier
     meta, tensors = read_checkpoint(path)
     model = PTUnifier(Config(**meta["model_config"]))
     load_model_state(path, meta, tensors, model)
     return model, meta, tensors
-
-
-def load_model_weights(path, model) -> dict:
-    """Load a checkpoint's model weights into `model` (strict); returns the checkpoint metadata."""
-    meta, tensors = read_checkpoint(path)
-    load_model_state(path, meta, tensors, model)
-    return meta
 
 
 # Training-config fields that must not change when a run resumes (they define the data stream).

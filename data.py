@@ -7,8 +7,8 @@ Implements the data side of PTUnifier (ICCV 2023):
   resized crop (train), CLIP mean/std (paper 5.3: 288 px pre-training, 384 px fine-tuning).
 - text: a RoBERTa byte-level BPE / BERT WordPiece wrapper over `tokenizers`; pre-training reads
   one random sentence per access (paper 5.3 / official code), downstream tasks the whole text.
-- objectives' inputs: MLM masking, 15% of real tokens, 80/10/10 (paper 3.3, Eq. 5) and ITM
-  negatives, exactly half of a batch paired with another image of the batch (Eq. 6).
+- objectives' inputs: MLM masking, 15% of real tokens, 80/10/10 (paper 3.3, Eq. 5-6) and ITM
+  negatives, exactly half of a batch paired with another image of the batch (Eq. 7-8).
 - datasets, collate functions and a DataLoader factory that is DDP-aware and seeded.
 
 Manifest layout (one task folder): `manifest.jsonl`, one JSON object a line, and `meta.json`.
@@ -48,7 +48,7 @@ TASK_FIELDS = {
     "itg": {"image": "image", "report": "str"},
     "vqa": {"image": "image", "question": "str", "answer": "str", "answer_type": "answer_type"},
 }
-MIN_WORDS = 3  # texts shorter than this are dropped by preprocessing (DATASETS.md)
+MIN_WORDS = 3  # texts shorter than this are dropped by preprocessing (docs/DATASETS.md)
 
 
 class ManifestError(ValueError):
@@ -505,7 +505,7 @@ def _wordpiece_backend(vocab_txt: Path) -> tokenizers.Tokenizer:
 
 def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, tok: Tokenizer,
                 generator: torch.Generator, prob: float = 0.15):
-    """BERT masking (paper 3.3, Eq. 5) of input_ids [B, L].
+    """BERT masking (paper 3.3, MLM, Eq. 5-6) of input_ids [B, L].
 
     Each real token (not special, not pad) is selected with probability `prob`; a row with at
     least one real token and no selection gets one selected at random. Selected tokens become
@@ -532,7 +532,7 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, tok: Toke
 
 
 def itm_pairs(batch_size: int, generator: torch.Generator):
-    """ITM negatives (paper 3.3, Eq. 6): floor(B/2) random rows get another row's image.
+    """ITM negatives (paper 3.3, ITM, Eq. 7-8): floor(B/2) random rows get another row's image.
 
     Returns (itm_image_index LongTensor[B]: index into the batch's images, i for positives,
     itm_labels LongTensor[B]: 1 matched, 0 not).

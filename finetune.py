@@ -12,14 +12,15 @@ One backbone serves every task; a missing modality is filled by prompts (paper 3
 | vqa       | image + question                  | ClassifierHead(2H, answers)  | BCE x A      | accuracy (overall)  |
 | ts        | source text + visual prompts      | TextDecoder on fused streams | token CE     | ROUGE-L             |
 | itg       | image + textual prompts           | TextDecoder on fused streams | token CE     | BLEU-4              |
-| retrieval | image-only and text-only passes   | ITC projections (+ ITM)      | ITC (Eq. 9)  | mean R@1/5/10       |
+| retrieval | image-only and text-only passes   | ITC projections (+ ITM)      | ITC (Eq. 9-10) | mean R@1/5/10     |
 
 Each task is one `Task` record below (input kind, head, loss, selection key); the loop, the
-optimiser and the checkpointing are shared. The recipe (paper 5.3): AdamW betas (0.9, 0.98),
-weight decay 0.01 except biases/norms/embeddings/pools, the backbone at 5e-6 and the task
-layers (classifier heads, the whole generation decoder; for retrieval the ITC/ITM heads) at 2.5e-4,
-linear warm-up over 10% of the steps then linear decay, gradient clipping, mixed precision and
-DDP as in train.py. Every epoch ends with an evaluation on val; the best epoch by the task's
+optimiser and the checkpointing are shared. The recipe (paper 5.3; the defaults per preset and
+task are in recipes.py, taken from the preset the --init checkpoint was pre-trained with): AdamW
+betas (0.9, 0.98), weight decay 0.01 except biases/norms/embeddings/pools, the backbone at 5e-6 and
+the task layers (classifier heads, the whole generation decoder; for retrieval the ITC/ITM heads)
+at 2.5e-4, linear warm-up over 10% of the steps then linear decay, gradient clipping, mixed
+precision and DDP as in train.py (runtime.py). Every epoch ends with an evaluation on val; the best epoch by the task's
 selection metric is written to OUT/best.safetensors; the test split is evaluated once, at the
 end, on that checkpoint, and never used for selection. OUT/results.json holds the outcome.
 
@@ -40,21 +41,22 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from checkpoint import FORMAT, CheckpointError, atomic_save, dedupe_shared, load_model_state, load_pretrained, \
-    read_checkpoint
+from checkpoint import (FORMAT, CheckpointError, atomic_save, dedupe_shared, load_model_state, load_pretrained,
+                        read_checkpoint, read_metadata)
 from data import SkipTracker, TaskDataset, Tokenizer, locate_tokenizer, make_loader, read_meta
-from evaluate import accuracy, auroc, embed_retrieval, nlg_metrics, recall_at_k, vqa_accuracy
+from generation import TextDecoder, generate, generation_memory
 from losses import itc_loss
-from model import ClassifierHead, PTUnifier, TextDecoder, generate, generation_memory, \
-    restore_running_statistics, save_running_statistics, split_decay
-from train import Runtime, TrainConfig, any_rank, apply_update, build_model, cleanup, dataclass_cli, lr_factor, print0, \
-    seed_everything, seed_step, setup_runtime
+from metrics import accuracy, auroc, nlg_metrics, recall_at_k, vqa_accuracy
+from model import ClassifierHead, Encoded, PTUnifier, param_groups
+from recipes import build_model, recipe, with_defaults
+from runtime import (Runtime, adamw, any_rank, barrier, cleanup, dataclass_cli, finish_step, lr_factor, print0,
+                     seed_everything, seed_step, set_lr, setup_runtime, snapshot_buffers)
+from zeroshot import embed_retrieval
 
 # ----------------------------------------------------------------------------- the tasks
 
@@ -115,66 +117,45 @@ INPUTS = {
                            attention_mask=b.attention_mask),
 }
 
-# Per-task defaults. "base": the paper's learning rates for a pre-trained base model (epochs and
-# batch sizes of the official configs). "tiny": the synthetic benchmark on 2 CPU cores from a
-# tiny pre-training checkpoint (README "Fine-tuning and evaluation": the benchmark's minutes); the
-# tiny backbone is barely pre-trained, so it needs a far higher backbone rate than 5e-6 to move in
-# a few epochs; itg's decoder needs 15 epochs to write the findings it reads (val BLEU-4 peaked at 11).
-PAPER_LR = dict(lr_backbone=5e-6, lr_task=2.5e-4)
-TINY_LR = dict(lr_backbone=2e-4, lr_task=5e-4)
-FT_DEFAULTS = {
-    "base": {"ic": dict(epochs=10, batch_size=64, **PAPER_LR),
-             "tc": dict(epochs=10, batch_size=32, **PAPER_LR),
-             "vqa": dict(epochs=50, batch_size=32, **PAPER_LR),
-             "ts": dict(epochs=10, batch_size=32, **PAPER_LR),
-             "itg": dict(epochs=10, batch_size=32, **PAPER_LR),
-             "retrieval": dict(epochs=10, batch_size=128, **PAPER_LR)},
-    "tiny": {"ic": dict(epochs=6, batch_size=64, **TINY_LR),
-             "tc": dict(epochs=6, batch_size=64, **TINY_LR),
-             "vqa": dict(epochs=6, batch_size=64, **TINY_LR),
-             "ts": dict(epochs=6, batch_size=64, no_repeat_ngram=3, **TINY_LR),
-             "itg": dict(epochs=15, batch_size=64, **TINY_LR),
-             "retrieval": dict(epochs=6, batch_size=64, **TINY_LR)},
-}
-
-
 @dataclass
 class FinetuneConfig:
-    """Everything that defines a fine-tuning run besides the architecture (saved in results.json)."""
-    task: str = ""                  # ic | tc | ts | itg | retrieval | vqa
-    data: str = ""                  # task folder (manifest.jsonl + meta.json)
-    init: str = ""                  # checkpoint to start from (pre-training or fine-tuned); empty: scratch
-    out: str = ""                   # run folder (default runs/ft-TASK)
-    preset: str = "tiny"            # model preset without --init; the defaults table of the run
-    tokenizer: str = ""             # tokenizer.json / folder; default: tokenizer.json beside the data
-    epochs: int = 0                 # 0: the task's default
-    batch_size: int = 0             # global batch (0: the task's default)
-    lr_backbone: float = 0.0        # the pre-trained PTUnifier (0: task default; paper 5e-6)
-    lr_task: float = 0.0            # new task layers (0: task default; paper 2.5e-4)
-    weight_decay: float = 0.01
+    """Everything that defines a fine-tuning run besides the architecture (saved in results.json).
+    None: not set, the recipe of the preset decides (recipes.py); `resolved()` fills those fields."""
+    task: str | None = None         # ic | tc | ts | itg | retrieval | vqa
+    data: str | None = None         # task folder (manifest.jsonl + meta.json)
+    init: str | None = None         # checkpoint to start from (pre-training or fine-tuned); None: scratch
+    out: str | None = None          # run folder (None: runs/ft-TASK)
+    preset: str = "tiny"            # the recipe; with --init, the preset the checkpoint was trained with
+    tokenizer: str | None = None    # tokenizer.json / folder; default: tokenizer.json beside the data
+    epochs: int | None = None       # passes over the training split
+    batch_size: int | None = None   # global batch
+    lr_backbone: float | None = None  # the pre-trained PTUnifier (paper 5e-6)
+    lr_task: float | None = None    # new task layers (paper 2.5e-4)
+    weight_decay: float = 0.01      # AdamW decay of the weight matrices (paper 5.3)
     warmup: float = 0.1             # fraction of the steps with linear warm-up
     clip_grad: float = 1.0          # max global gradient norm (0: off)
-    max_steps_per_epoch: int = 0    # cap on optimisation steps per epoch (0: the whole split)
+    max_steps_per_epoch: int | None = None  # cap on optimisation steps per epoch (None: the whole split)
     itm_rerank: int = 0             # retrieval: re-rank the top K ITC candidates with the ITM head
     beams: int = 1                  # generation: beam width (1: greedy)
-    max_gen_len: int = 0            # generation: most tokens generated (0: Config.max_text_len)
+    max_gen_len: int | None = None  # generation: most tokens generated (None: Config.max_text_len)
     length_penalty: float = 1.0     # generation: beam score / length ** penalty
-    no_repeat_ngram: int = -1       # generation: no n-gram of generated tokens twice (0: off;
-                                    # -1: the task default: tiny ts/itg 3, otherwise off)
-    eval_batch: int = 128
+    no_repeat_ngram: int | None = None  # generation: no n-gram of generated tokens twice (0: off)
+    eval_batch: int = 128           # batch of the val / test evaluations
     workers: int = 2                # DataLoader workers per process; 0 loads in the main process
-    seed: int = 0
+    seed: int = 0                   # task head init, data order, augmentation
     device: str = "auto"            # auto | cpu | cuda
 
-    def resolved(self, recipe: str) -> "FinetuneConfig":
-        """Fill zeros from FT_DEFAULTS[recipe][task] and the default run folder."""
-        d = FT_DEFAULTS.get(recipe, FT_DEFAULTS["base"])[self.task]
-        pick = lambda key: getattr(self, key) or d[key]  # noqa: E731
-        return dataclasses.replace(self, epochs=pick("epochs"), batch_size=pick("batch_size"),
-                                   lr_backbone=pick("lr_backbone"), lr_task=pick("lr_task"),
-                                   no_repeat_ngram=self.no_repeat_ngram if self.no_repeat_ngram >= 0
-                                   else d.get("no_repeat_ngram", 0),
-                                   out=self.out or f"runs/ft-{self.task}")
+    def resolved(self) -> "FinetuneConfig":
+        """The recipe of the task in every field that is not set; the preset is the one the --init
+        checkpoint was pre-trained with (its metadata), else --preset."""
+        if self.task not in TASKS:
+            raise SystemExit(f"--task {self.task!r}: expected one of {sorted(TASKS)}")
+        preset = self.preset
+        trained = read_metadata(self.init).get("train_config") if self.init else None
+        if trained:
+            preset = trained.get("preset", "base")
+        defaults = dict(no_repeat_ngram=0, out=f"runs/ft-{self.task}") | recipe(preset).finetune[self.task]
+        return with_defaults(dataclasses.replace(self, preset=preset), defaults)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -199,7 +180,7 @@ class FinetuneModel(nn.Module):
     def new_parameters(self) -> set[int]:
         """ids of the parameters trained at lr_task: the task modules (the classifier head; the
         whole decoder: its copies of the text encoder must learn to write, not to fill masks,
-        and do not at the backbone rate, README "Fine-tuning"), and for retrieval the
+        and do not at the backbone rate, docs/NOTES.md), and for retrieval the
         pre-trained ITC/ITM heads."""
         if self.task_modules():
             return {id(p) for m in self.task_modules().values() for p in m.parameters()}
@@ -224,18 +205,12 @@ class FinetuneModel(nn.Module):
         return self.task.loss(self.outputs(batch), batch)
 
 
-def param_groups(model: FinetuneModel, cfg: FinetuneConfig) -> list[dict]:
-    """AdamW groups: {backbone, task} x {decay, no decay} (no decay as in model.split_decay)."""
+def make_optimizer(model: FinetuneModel, cfg: FinetuneConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over {backbone, task} x {decay, no decay} (no decay as in model.split_decay)."""
     new = model.new_parameters()
-    decay, free = split_decay(model)
-    groups = []
-    for kind, params, wd in (("decay", decay, cfg.weight_decay), ("no_decay", free, 0.0)):
-        for part, lr, is_new in (("backbone", cfg.lr_backbone, False), ("task", cfg.lr_task, True)):
-            chosen = [p for p in params if (id(p) in new) == is_new]
-            if chosen:
-                groups.append(dict(name=f"{part}_{kind}", params=chosen, lr=lr, base_lr=lr,
-                                   weight_decay=wd))
-    return groups
+    groups = param_groups(model, lambda p: ("task", cfg.lr_task) if id(p) in new
+                          else ("backbone", cfg.lr_backbone), cfg.weight_decay)
+    return adamw(groups, device)
 
 
 # ----------------------------------------------------------------------------- building a run
@@ -250,7 +225,7 @@ def load_backbone(cfg: FinetuneConfig, tokenizer: Tokenizer) -> tuple[PTUnifier,
     """(backbone, checkpoint metadata or None, checkpoint tensors) from --init, else a fresh preset
     model. The model Config comes from the checkpoint; its vocabulary must be the tokenizer's."""
     if not cfg.init:
-        return build_model(TrainConfig(preset=cfg.preset), tokenizer), None, {}
+        return build_model(cfg.preset, tokenizer), None, {}
     backbone, meta, tensors = load_pretrained(cfg.init)
     mcfg = backbone.config
     if mcfg.vocab_size != tokenizer.vocab_size or mcfg.pad_token_id != tokenizer.pad_id:
@@ -259,13 +234,6 @@ def load_backbone(cfg: FinetuneConfig, tokenizer: Tokenizer) -> tuple[PTUnifier,
                          f"(vocab_size={tokenizer.vocab_size}, pad id {tokenizer.pad_id}); pass the "
                          "tokenizer the checkpoint was pre-trained with (--tokenizer)")
     return backbone, meta, tensors
-
-
-def recipe_of(cfg: FinetuneConfig, meta: dict | None) -> str:
-    """The defaults table: the preset the --init checkpoint was pre-trained with, else --preset."""
-    if meta is not None and meta.get("train_config"):
-        return meta["train_config"].get("preset", "base")
-    return cfg.preset
 
 
 def load_task_modules(model: FinetuneModel, path, meta: dict, tensors: dict, names: list[str]) -> bool:
@@ -288,14 +256,14 @@ def load_task_modules(model: FinetuneModel, path, meta: dict, tensors: dict, nam
 
 
 def save_finetuned(path: Path, model: FinetuneModel, names: list[str], epoch: int,
-                   metrics: dict, cfg: FinetuneConfig, recipe: str = "base") -> None:
+                   metrics: dict, cfg: FinetuneConfig) -> None:
     """Atomic safetensors: backbone under "model/" (a valid --init), task modules under "task/"."""
     tensors = {f"model/{k}": v for k, v in model.backbone.state_dict().items()}
     for name, module in model.task_modules().items():
         tensors.update({f"task/{name}.{k}": v for k, v in module.state_dict().items()})
     tensors, aliases = dedupe_shared(tensors)
     meta = dict(format=FORMAT, model_config=dataclasses.asdict(model.backbone.config),
-                train_config=dict(preset=recipe), state=dict(epoch=epoch), optimizer_groups=[], scaler=None,
+                train_config=dict(preset=cfg.preset), state=dict(epoch=epoch), optimizer_groups=[], scaler=None,
                 aliases=aliases, finetune=dict(task=model.task.name, outputs=names, epoch=epoch,
                                                val=metrics, config=dataclasses.asdict(cfg)))
     atomic_save(path, tensors, {"ptunifier": json.dumps(meta)})
@@ -337,10 +305,6 @@ class EvalContext:
     cfg: FinetuneConfig
 
 
-def autocast(rt: Runtime):
-    return torch.autocast(rt.device.type, dtype=rt.amp_dtype, enabled=rt.amp_dtype is not None)
-
-
 def eval_batches(model: FinetuneModel, ctx: EvalContext, split: str):
     """In-order, non-distributed batches of `split` on the device (eval transforms)."""
     cfg = model.backbone.config
@@ -359,7 +323,7 @@ def score_ic(model, ctx, split) -> dict:
     listed in "excluded" (never silently dropped)."""
     scores, labels = [], []
     for batch in eval_batches(model, ctx, split):
-        with autocast(ctx.rt):
+        with ctx.rt.autocast():
             scores.append(torch.sigmoid(model.outputs(batch).float()).cpu())
         labels.append(batch.labels.cpu())
     s, y = torch.cat(scores).numpy(), torch.cat(labels).numpy()  # [N, C]
@@ -378,7 +342,7 @@ def score_ic(model, ctx, split) -> dict:
 def score_tc(model, ctx, split) -> dict:
     logits, labels = [], []
     for batch in eval_batches(model, ctx, split):
-        with autocast(ctx.rt):
+        with ctx.rt.autocast():
             logits.append(model.outputs(batch).float().cpu())
         labels.append(batch.labels.cpu())
     return dict(accuracy=accuracy(torch.cat(logits), torch.cat(labels)))
@@ -389,7 +353,7 @@ def score_vqa(model, ctx, split) -> dict:
     their number is reported (n_gold_out_of_vocab)."""
     preds, golds, kinds = [], [], []
     for batch in eval_batches(model, ctx, split):
-        with autocast(ctx.rt):
+        with ctx.rt.autocast():
             best = model.outputs(batch).argmax(dim=1).tolist()
         preds += [ctx.names[i] for i in best]
         golds += batch.answers
@@ -402,7 +366,7 @@ def score_generation(model, ctx, split, final: bool) -> dict:
     tok, cfg = ctx.tokenizer, ctx.cfg
     hyps, refs = {}, {}
     for batch in eval_batches(model, ctx, split):
-        with autocast(ctx.rt):
+        with ctx.rt.autocast():
             memory, mask = generation_memory(model.backbone(**INPUTS[model.task.inputs](batch)))
             out = generate(model.decoder, memory, mask, tok.bos_id, tok.eos_id,
                            max_len=cfg.max_gen_len or model.backbone.config.max_text_len,
@@ -425,10 +389,10 @@ def itm_rerank(model, ctx, split, sim: torch.Tensor, k: int) -> tuple[torch.Tens
     b = model.backbone
     states, ids, masks = [], [], []
     for batch in eval_batches(model, ctx, split):
-        states.append(b.encode_image(batch.pixel_values))
+        states.append(b.encode_image(batch.pixel_values).states)
         ids += list(batch.input_ids)
         masks += list(batch.attention_mask)
-    states = torch.cat(states)  # [N, 1 + N_patch, Dv]
+    images = Encoded(torch.cat(states), None, None)  # [N, 1 + N_patch, Dv]: every test image, once
 
     def match(image_rows: torch.Tensor, text_rows: torch.Tensor) -> torch.Tensor:
         probs = []
@@ -437,8 +401,8 @@ def itm_rerank(model, ctx, split, sim: torch.Tensor, k: int) -> tuple[torch.Tens
             text_ids = nn.utils.rnn.pad_sequence([ids[j] for j in t], batch_first=True,
                                                  padding_value=ctx.tokenizer.pad_id)
             text_mask = nn.utils.rnn.pad_sequence([masks[j] for j in t], batch_first=True)
-            with autocast(ctx.rt):
-                joint = b(image_states=states[i], input_ids=text_ids, attention_mask=text_mask).joint
+            with ctx.rt.autocast():
+                joint = b.fuse_encoded(images.rows(i), b.encode_text(text_ids, text_mask)).joint
                 probs.append(b.itm_head(joint).float().softmax(-1)[:, 1].cpu())
         return torch.cat(probs)
 
@@ -487,114 +451,140 @@ def evaluate_split(model: FinetuneModel, ctx: EvalContext, split: str) -> dict:
 # ----------------------------------------------------------------------------- the loop
 
 
-def finetune(cfg: FinetuneConfig) -> dict:
-    """Fine-tune, select the best epoch on val, evaluate test once; returns results.json's dict."""
-    if cfg.task not in TASKS:
-        raise SystemExit(f"--task {cfg.task!r}: expected one of {sorted(TASKS)}")
+@dataclass
+class FinetuneRun:
+    """A fine-tuning run in progress: what the epochs read and update."""
+    cfg: FinetuneConfig
+    rt: Runtime
+    task: Task
+    meta: dict                 # the task folder's meta.json
+    model: FinetuneModel
+    runner: nn.Module          # the model, wrapped by DDP under torchrun
+    optimizer: torch.optim.AdamW
+    scaler: torch.amp.GradScaler
+    loader: torch.utils.data.DataLoader
+    steps_per_epoch: int
+    ctx: EvalContext
+    skips: SkipTracker
+    step: int = 0              # optimisation steps taken (the schedule's position)
+    skipped_steps: int = 0     # steps skipped for a non-finite loss
+
+
+def start_finetune(cfg: FinetuneConfig, rt: Runtime) -> FinetuneRun:
+    """The backbone from --init (or the preset), the task's new modules, data and optimiser."""
     task = TASKS[cfg.task]
-    rt = setup_runtime(cfg.device)
     seed_everything(cfg.seed)  # the same initial head on every rank
     meta = read_meta(cfg.data)
     if meta["task"] != task.name:
         raise SystemExit(f"{cfg.data}/meta.json: task {meta['task']!r}, but --task {task.name}")
     tokenizer = Tokenizer.load(locate_tokenizer(cfg.data, cfg.tokenizer))
     backbone, init_meta, init_tensors = load_backbone(cfg, tokenizer)
-    recipe = recipe_of(cfg, init_meta)
-    cfg = cfg.resolved(recipe)
     names = output_names(task, meta)
     model = FinetuneModel(backbone, task, len(names)).to(rt.device)
     if init_meta is not None and load_task_modules(model, cfg.init, init_meta, init_tensors, names):
         print0(rt, f"task modules loaded from {cfg.init}")
     del init_tensors
-    out = Path(cfg.out)
-    ctx = EvalContext(Path(cfg.data), tokenizer, names, rt, cfg)
-
     mcfg = backbone.config
     train_set = TaskDataset(cfg.data, "train", tokenizer, mcfg.image_size, mcfg.max_text_len, train=True)
     loader = make_loader(train_set, cfg.batch_size // rt.world, train=True, seed=cfg.seed,
                          num_workers=cfg.workers)
-    steps_per_epoch = len(loader) if not cfg.max_steps_per_epoch else min(len(loader), cfg.max_steps_per_epoch)
+    steps_per_epoch = min(len(loader), cfg.max_steps_per_epoch or len(loader))
     if steps_per_epoch == 0:
         raise SystemExit(f"{len(train_set)} training samples cannot fill one batch of {cfg.batch_size}")
-    total = cfg.epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(param_groups(model, cfg), betas=(0.9, 0.98), eps=1e-8,
-                                  fused=rt.device.type == "cuda")
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
     runner = model
     if rt.world > 1:  # unused parameters: the pool of the present modality, heads of other tasks
         runner = DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device.type == "cuda"
                                          else None, find_unused_parameters=True)
     if rt.master:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(dict(finetune=dataclasses.asdict(cfg),
-                                                         model=dataclasses.asdict(mcfg)), indent=2))
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out) / "config.json").write_text(json.dumps(
+            dict(finetune=dataclasses.asdict(cfg), model=dataclasses.asdict(mcfg)), indent=2))
     print0(rt, f"{task.name}: {len(train_set)} training samples, {cfg.epochs} epochs x "
                f"{steps_per_epoch} steps, batch {cfg.batch_size}, lr backbone {cfg.lr_backbone:g} / "
                f"task {cfg.lr_task:g}, on {rt.device}")
+    return FinetuneRun(cfg, rt, task, meta, model, runner, make_optimizer(model, cfg, rt.device),
+                       torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16),
+                       loader, steps_per_epoch, EvalContext(Path(cfg.data), tokenizer, names, rt, cfg),
+                       SkipTracker(len(train_set)))
 
-    skips = SkipTracker(len(train_set))
-    history, best, step, skipped_steps, started = [], None, 0, 0, time.perf_counter()
+
+def train_epoch(run: FinetuneRun, epoch: int) -> list[float]:
+    """One epoch of guarded steps (a non-finite loss on any rank skips the step on every rank and
+    leaves the model as it was); returns the losses of the steps taken."""
+    cfg, rt = run.cfg, run.rt
+    if isinstance(run.loader.sampler, torch.utils.data.DistributedSampler):
+        run.loader.sampler.set_epoch(epoch)
+    run.model.train()
+    total, losses = cfg.epochs * run.steps_per_epoch, []
+    bar = tqdm(total=run.steps_per_epoch, desc=f"epoch {epoch}", disable=not rt.master, dynamic_ncols=True)
+    for i, batch in enumerate(run.loader):
+        if i == run.steps_per_epoch:
+            break
+        run.skips.update(batch)
+        if len(batch) == 0:  # every image of the batch was unreadable
+            continue
+        set_lr(run.optimizer, lr_factor(run.step, total, cfg.warmup))
+        seed_step(cfg.seed, rt.rank, run.step)
+        buffers = snapshot_buffers(run.model)
+        with rt.autocast():
+            loss = run.runner(batch.to(rt.device, non_blocking=True))
+        finite = not any_rank([not torch.isfinite(loss).item()], rt)[0]
+        if finite:
+            run.scaler.scale(loss).backward()
+        finish_step(run.model, run.optimizer, run.scaler, cfg.clip_grad, buffers, finite)
+        run.step += 1
+        if not finite:
+            run.skipped_steps += 1
+            print0(rt, f"step {run.step - 1}: non-finite loss, step skipped ({run.skipped_steps} so far)")
+            continue
+        losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    bar.close()
+    return losses
+
+
+def test_best(run: FinetuneRun, best: tuple[int, float], history: list[dict], started: float) -> dict:
+    """Load the best epoch's checkpoint, evaluate the test split once, write results.json."""
+    out, task, cfg = Path(run.cfg.out), run.task, run.cfg
+    best_meta, tensors = read_checkpoint(out / "best.safetensors")
+    load_model_state(out / "best.safetensors", best_meta, tensors, run.model.backbone)
+    load_task_modules(run.model, out / "best.safetensors", best_meta, tensors, run.ctx.names)
+    test = evaluate_split(run.model, run.ctx, "test")
+    generated = test.pop("generated", None)
+    if generated is not None:
+        (out / "test_generations.jsonl").write_text("".join(json.dumps(g) + "\n" for g in generated))
+    counts = {s: run.meta.get("counts", {}).get(s) for s in ("train", "val", "test")}
+    result = dict(task=task.name, data=cfg.data, init=cfg.init, select=task.select,
+                  best_epoch=best[0], best_val=best[1], history=history, test=test, n=counts,
+                  skipped_steps=run.skipped_steps, checkpoint=str(out / "best.safetensors"),
+                  seconds=time.perf_counter() - started, config=dataclasses.asdict(cfg),
+                  model_config=dataclasses.asdict(run.model.backbone.config))
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    print(f"test, best epoch {best[0]} (val {task.select} {best[1]:.4f}): " + ", ".join(
+        f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float)), flush=True)
+    return result
+
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    """Fine-tune, select the best epoch on val, evaluate test once; returns results.json's dict."""
+    cfg = cfg.resolved()
+    rt = setup_runtime(cfg.device)
+    run = start_finetune(cfg, rt)
+    select = run.task.select
+    history, best, started = [], None, time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
-        if isinstance(loader.sampler, torch.utils.data.DistributedSampler):
-            loader.sampler.set_epoch(epoch)
-        model.train()
-        losses = []
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=not rt.master, dynamic_ncols=True)
-        for i, batch in enumerate(loader):
-            if i == steps_per_epoch:
-                break
-            skips.update(batch)
-            if len(batch) == 0:  # every image of the batch was unreadable
-                continue
-            for g in optimizer.param_groups:
-                g["lr"] = g["base_lr"] * lr_factor(step, total, cfg.warmup)
-            seed_step(cfg.seed, rt.rank, step)
-            statistics = save_running_statistics(model)
-            with autocast(rt):
-                loss = runner(batch.to(rt.device, non_blocking=True))
-            if any_rank([not torch.isfinite(loss).item()], rt)[0]:  # every rank skips together
-                restore_running_statistics(model, statistics)  # the step leaves the model as it was
-                skipped_steps += 1
-                print0(rt, f"step {step}: non-finite loss, step skipped ({skipped_steps} so far)")
-                step += 1
-                continue
-            scaler.scale(loss).backward()
-            apply_update(model, optimizer, scaler, cfg.clip_grad)
-            step += 1
-            losses.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        bar.close()
-        if rt.master:
-            val = evaluate_split(model, ctx, "val")
+        losses = train_epoch(run, epoch)
+        if rt.master:  # the other ranks wait at the barrier (COLLECTIVE_TIMEOUT)
+            val = evaluate_split(run.model, run.ctx, "val")
             mean_loss = float(np.mean(losses)) if losses else float("nan")
             history.append(dict(epoch=epoch, train_loss=mean_loss, val=val))
-            print0(rt, f"epoch {epoch}: train loss {mean_loss:.4f}, val {task.select} "
-                       f"{val[task.select]:.4f}")
-            if best is None or val[task.select] > best[1]:
-                best = (epoch, val[task.select])
-                save_finetuned(out / "best.safetensors", model, names, epoch, val, cfg, recipe)
-        if rt.world > 1:
-            dist.barrier()
-
-    result = {}
-    if rt.master:
-        best_meta, tensors = read_checkpoint(out / "best.safetensors")
-        load_model_state(out / "best.safetensors", best_meta, tensors, model.backbone)
-        load_task_modules(model, out / "best.safetensors", best_meta, tensors, names)
-        test = evaluate_split(model, ctx, "test")
-        generated = test.pop("generated", None)
-        if generated is not None:
-            (out / "test_generations.jsonl").write_text("".join(json.dumps(g) + "\n" for g in generated))
-        counts = {s: meta.get("counts", {}).get(s) for s in ("train", "val", "test")}
-        result = dict(task=task.name, data=cfg.data, init=cfg.init, select=task.select,
-                      best_epoch=best[0], best_val=best[1], history=history, test=test, n=counts,
-                      skipped_steps=skipped_steps,
-                      checkpoint=str(out / "best.safetensors"), seconds=time.perf_counter() - started,
-                      config=dataclasses.asdict(cfg), model_config=dataclasses.asdict(mcfg))
-        (out / "results.json").write_text(json.dumps(result, indent=2))
-        print0(rt, f"test, best epoch {best[0]} (val {task.select} {best[1]:.4f}): " + ", ".join(
-            f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float)))
+            print(f"epoch {epoch}: train loss {mean_loss:.4f}, val {select} {val[select]:.4f}", flush=True)
+            if best is None or val[select] > best[1]:
+                best = (epoch, val[select])
+                save_finetuned(Path(cfg.out) / "best.safetensors", run.model, run.ctx.names, epoch, val, cfg)
+        barrier(rt)
+    result = test_best(run, best, history, started) if rt.master else {}
     cleanup(rt)
     return result
 
@@ -604,7 +594,7 @@ def parse_args(argv=None) -> FinetuneConfig:
         "task": f"one of {sorted(TASKS)}",
         "init": "pre-training (or fine-tuned) checkpoint; the model Config comes from it",
         "batch_size": "global batch; lower it (32, 16) if you run out of memory",
-        "max_steps_per_epoch": "cap steps per epoch (quick checks); 0 uses the whole split",
+        "max_steps_per_epoch": "cap steps per epoch (quick checks; None: the whole split)",
         "itm_rerank": "retrieval: K > 0 re-ranks the top-K ITC candidates with ITM pair passes",
     }, required=("task", "data"))
 

@@ -1,4 +1,4 @@
-"""PTUnifier pre-training objectives (paper section 3.3, Eq. 5-10).
+"""PTUnifier pre-training objectives (paper section 3.3, Eq. 1, 5-10).
 
 The model produces logits and embeddings; this file turns them into scalar losses. Nothing here
 knows about the model, the optimiser or logging.

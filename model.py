@@ -1,33 +1,30 @@
 r"""PTUnifier model: CLIP ViT + BERT/RoBERTa + METER-style co-attention fusion + prompt pools.
 
-Implements the architecture of PTUnifier (ICCV 2023), paper sections 3 and 4:
+Implements the architecture of PTUnifier (ICCV 2023), paper sections 3 and 4, in the order of the
+paper's figure; `PTUnifier.forward` reads as the four stages:
 
-    image -> encode_image (CLIP ViT) ---------\                          /-> mlm_head  (Eq. 5)
-                                                > fuse (co-attention) -> |-> itm_head  (Eq. 6-7)
-    text  -> encode_text (BERT/RoBERTa) -------/                          \-> itc_image / itc_text
-                                                                              (Eq. 8-10)
-    A missing modality is replaced by prompts (select_prompts, Eq. 3-4, see prompts.py):
+    image -> encode_image (CLIP ViT) -------\                          /-> mlm_head  (MLM, Eq. 5-6)
+                                              > fuse (co-attention) -> |-> itm_head  (ITM, Eq. 7-8)
+    text  -> encode_text (BERT/RoBERTa) -----/                          \-> itc_image / itc_text
+                                                                            (ITC, Eq. 9-10)
+    A missing modality is replaced by prompts (select_prompts, Eq. 3-4; prompts.py):
     text only  -> text query  -> visual pool  -> prompt_image -> [CLS, prompts] through the ViT
     image only -> image query -> textual pool -> prompt_text  -> [<s>, prompts, </s>] through text
 
+`fuse_encoded` is the one entry for inputs that are already encoded (a training step encodes
+the batch's images once for several fusion passes); `forward` encodes raw inputs and calls it.
+The losses live in losses.py, the recipes (presets) in recipes.py, Hugging Face weight loading in
+hf.py, the generation decoder in generation.py.
+
 Shapes: B batch, L/Lt/Li sequence lengths, N patches, Dv/Dt encoder widths, H fusion width,
 k number of prompts, V vocabulary, E ITC embedding width.
-
-Pre-trained encoders are loaded from Hugging Face format folders (config.json +
-model.safetensors) with `PTUnifier.load_hf_encoders`: an explicit key map, strict shape checks,
-and no pickle loading ever.
 """
 
-import dataclasses
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
 from losses import gather_with_grad
@@ -36,10 +33,6 @@ from prompts import PromptPool, StaticPrompts, build_prompts
 
 class ConfigError(ValueError):
     """A Config whose fields do not fit together; the message names the fields."""
-
-
-class WeightLoadError(RuntimeError):
-    """A checkpoint that does not fit the model; the message names the file, keys and shapes."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,7 +44,7 @@ class WeightLoadError(RuntimeError):
 class Config:
     """Every architecture choice of PTUnifier. Saved in checkpoints; `Config(**asdict(c))` rebuilds.
 
-    Defaults are the paper's `base` model (section 5.3); see PRESETS for smaller shapes.
+    Defaults are the paper's `base` model (section 5.3); recipes.RECIPES holds the presets.
     """
 
     # Vision encoder: CLIP ViT (pre-LN blocks, no dropout).
@@ -148,55 +141,6 @@ class Config:
     def position_offset(self) -> int:
         """First position id of a real token: pad_token_id + 1 for RoBERTa, 0 for BERT."""
         return self.pad_token_id + 1 if self.position_style == "roberta" else 0
-
-    @classmethod
-    def from_hf(cls, vision=None, text=None, **overrides) -> "Config":
-        """`base` with the encoder fields of Hugging Face folders, then `overrides`.
-
-        vision: a CLIPModel or CLIPVisionModel folder; text: a RoBERTa or BERT folder. The image
-        size stays `base`'s 288 unless overridden (position embeddings are resized on load).
-        The MLM decoder is tied when text_width == hidden_size unless tie_mlm_decoder is given.
-        """
-        fields = dataclasses.asdict(PRESETS["base"])
-        if vision is not None:
-            fields.update(hf_vision_fields(vision))
-        if text is not None:
-            fields.update(hf_text_fields(text, with_special_ids=True))
-        unknown = sorted(set(overrides) - set(fields))
-        if unknown:
-            raise ConfigError(f"Config.from_hf: unknown fields {unknown}")
-        fields.update(overrides)
-        if "tie_mlm_decoder" not in overrides:
-            fields["tie_mlm_decoder"] = fields["text_width"] == fields["hidden_size"]
-        return cls(**fields)
-
-
-PRESETS = {
-    # Paper model (section 5.3): CLIP ViT-B/16 at 288 px + RoBERTa-base + 6 fusion layers.
-    "base": Config(),
-    # Synthetic benchmark on 2 CPU cores: a pre-training step (four passes) at batch 64 takes
-    # ~0.4 s. 16 px patches (16 tokens): trained from scratch, a ViT with 8 px patches did not
-    # learn the synthetic findings within a few hundred steps, one with 16 px patches did.
-    # vocab_size/pad/bos/eos are placeholders that train.py overrides from the tokenizer.
-    "tiny": Config(
-        image_size=64, patch_size=16, vision_width=128, vision_layers=2, vision_heads=4,
-        vision_mlp=512, vocab_size=4096, text_width=128, text_layers=2, text_heads=4,
-        text_mlp=512, max_positions=128, max_text_len=64, hidden_size=128, fusion_layers=1,
-        fusion_heads=4, fusion_mlp=512, pool_size=64, k_visual=16, k_textual=8,
-        embed_dim=128,
-        # From scratch, dropout drowns the small across-batch variation of the pooled features
-        # that ITC has to grow; without it ITC leaves chance 2-5x sooner (README, "Learning from
-        # scratch"). 64 tokens hold a whole synthetic findings section at the median.
-        text_dropout=0.0, fusion_dropout=0.0,
-        # From scratch, every pass's pooled feature is nearly the same vector for every input, and
-        # ITC sat at ln(B) for 80 to 400+ steps; normalising the embeddings over the batch removes
-        # that common part (README, "Learning from scratch").
-        itc_batch_norm=True,
-        # ITC at the official fixed 0.1 stays at ln(B) longest (README, "Learning from scratch");
-        # 0.5 leaves it soonest, and learning it lets the scale grow afterwards.
-        temperature=0.5, learnable_temperature=True,
-    ),
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,11 +361,10 @@ class VisionEncoder(nn.Module):
             x = block(x)
         return self.ln_post(x)
 
-    def forward(self, pixel_values, return_query: bool = False):
-        """pixels [B, 3, S, S] -> states [B, 1 + N, Dv] (and the query [B, Dv] if asked)."""
+    def forward(self, pixel_values) -> tuple[torch.Tensor, torch.Tensor]:
+        """pixels [B, 3, S, S] -> (states [B, 1 + N, Dv], image query [B, Dv])."""
         tokens, query = self.embed(pixel_values)
-        states = self.run_blocks(tokens)
-        return (states, query) if return_query else states
+        return self.run_blocks(tokens), query
 
     def encode_prompts(self, prompts: torch.Tensor) -> torch.Tensor:
         """Visual prompts [B, k, Dv] -> states [B, 1 + k, Dv] of the sequence [CLS, prompts].
@@ -480,15 +423,14 @@ class TextEncoder(nn.Module):
             x = layer(x, attn_mask)
         return x
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None, return_query=False):
-        """ids [B, L], mask [B, L] -> states [B, L, Dt] (and the query [B, Dt] if asked).
+    def forward(self, input_ids, attention_mask, token_type_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids [B, L], mask [B, L] -> (states [B, L, Dt], text query [B, Dt]).
 
         The text query (section 3.2) is the masked mean of the embedding-layer outputs over real
         tokens, taken before dropout so that selection does not depend on the dropout draw.
         """
         embedded = self.embed(self.word_embeddings(input_ids), attention_mask, token_type_ids)
-        states = self.run_layers(embedded, attention_mask)
-        return (states, masked_mean(embedded, attention_mask)) if return_query else states
+        return self.run_layers(embedded, attention_mask), masked_mean(embedded, attention_mask)
 
     def encode_prompts(self, prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Textual prompts [B, k, Dt] -> (states [B, k + 2, Dt], mask [B, k + 2]).
@@ -537,7 +479,7 @@ class Fusion(nn.Module):
 
 
 class MLMHead(nn.Module):
-    """Masked language modelling head (Eq. 5): dense, GELU, LayerNorm, decoder to the vocabulary."""
+    """Masked language modelling head (MLM, Eq. 5-6): dense, GELU, LayerNorm, decoder to the vocabulary."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -583,26 +525,8 @@ class GlobalBatchNorm(nn.Module):
         return (x - mean) / torch.sqrt(var + self.eps)
 
 
-def _running_buffers(module: nn.Module) -> list[torch.Tensor]:
-    return [b for m in module.modules() if isinstance(m, GlobalBatchNorm)
-            for b in (m.running_mean, m.running_var)]
-
-
-def save_running_statistics(module: nn.Module) -> list[torch.Tensor]:
-    """Copies of the buffers that a training forward updates in place (GlobalBatchNorm's running
-    estimates), so that a skipped step can leave the model exactly as it was."""
-    return [b.clone() for b in _running_buffers(module)]
-
-
-def restore_running_statistics(module: nn.Module, saved: list[torch.Tensor]) -> None:
-    """Undo the running-estimate updates since `save_running_statistics` returned `saved`."""
-    with torch.no_grad():
-        for buffer, value in zip(_running_buffers(module), saved, strict=True):
-            buffer.copy_(value)
-
-
 class ITCProjection(nn.Module):
-    """Contrastive projection of a joint feature (Eq. 8-10): LayerNorm, Linear, L2-normalise;
+    """Contrastive projection of a joint feature (ITC, Eq. 9-10): LayerNorm, Linear, L2-normalise;
     with `batch_norm`, a GlobalBatchNorm before the L2-normalisation."""
 
     def __init__(self, in_dim: int, embed_dim: int, batch_norm: bool = False):
@@ -624,14 +548,14 @@ class ClassifierHead(nn.Module):
         self.fc1 = nn.Linear(in_dim, in_dim)
         self.norm = nn.LayerNorm(in_dim)
         self.fc2 = nn.Linear(in_dim, n_out)
-        _init_weights(self)
+        bert_init(self)
 
     def forward(self, x):
         """x [B, in_dim] -> logits [B, n_out]."""
         return self.fc2(F.gelu(self.norm(self.fc1(x))))
 
 
-def _init_weights(root: nn.Module) -> None:
+def bert_init(root: nn.Module) -> None:
     """BERT-style init of every Linear/Conv/Embedding (normal std 0.02) and LayerNorm (1, 0)."""
     for m in root.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
@@ -666,6 +590,24 @@ def split_decay(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Paramete
 
 
 @dataclass
+class Encoded:
+    """One modality ready for fusion: the output of its uni-modal encoder, or of prompts (Eq. 3-4)
+    run through that encoder."""
+
+    states: torch.Tensor  # [B, L, D] encoder output
+    mask: torch.Tensor | None  # [B, L] 1 = real token (texts); None: every token is real
+    query: torch.Tensor | None  # [B, D] selects the OTHER modality's prompts when it is missing
+    prompt_indices: torch.Tensor | None = None  # [B, k] pool rows, when these states are prompts
+
+    def rows(self, index: torch.Tensor) -> "Encoded":
+        """The rows `index` [B'] of the batch (repeats allowed). index_select, not advanced
+        indexing: its backward adds repeated rows in index order, where advanced indexing
+        accumulates them with parallel atomic adds on the CPU (last bits then vary run to run)."""
+        pick = lambda t: None if t is None else t.index_select(0, index)  # noqa: E731
+        return Encoded(pick(self.states), pick(self.mask), pick(self.query), pick(self.prompt_indices))
+
+
+@dataclass
 class FusionOutput:
     """What one fusion pass returns (text mask: 1 = real token; indices None when not prompted)."""
 
@@ -678,7 +620,7 @@ class FusionOutput:
 
 
 class PTUnifier(nn.Module):
-    """PTUnifier (sections 3-4): encode_image / encode_text -> select_prompts -> fuse -> heads."""
+    """PTUnifier (sections 3-4): encode_image / encode_text -> select prompts -> fuse -> heads."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -691,7 +633,7 @@ class PTUnifier(nn.Module):
         self.itm_head = nn.Linear(H2, 2)
         self.itc_image = ITCProjection(H2, cfg.embed_dim, cfg.itc_batch_norm)
         self.itc_text = ITCProjection(H2, cfg.embed_dim, cfg.itc_batch_norm)
-        _init_weights(self)
+        bert_init(self)
         self.vision.init_weights(cfg.vision_layers)
         # Pools are created after the init pass: PromptPool/StaticPrompts init themselves.
         self.visual_prompts = build_prompts(  # D_v vectors, queried by the text
@@ -706,77 +648,62 @@ class PTUnifier(nn.Module):
         else:
             self.register_buffer("log_scale", log_scale, persistent=False)
 
-    # -- stages ----------------------------------------------------------------------------
+    # -- 1. encode (section 3.1) -------------------------------------------------------------
 
-    def encode_image(self, pixel_values, return_query: bool = False):
-        """pixels [B, 3, S, S] -> states [B, 1 + N, Dv] (or (states, query [B, Dv]))."""
-        return self.vision(pixel_values, return_query)
+    def encode_image(self, pixel_values) -> Encoded:
+        """pixels [B, 3, S, S] -> states [B, 1 + N, Dv] and the image query [B, Dv]."""
+        states, query = self.vision(pixel_values)
+        return Encoded(states, None, query)
 
-    def encode_text(self, input_ids, attention_mask, token_type_ids=None, return_query=False):
-        """ids [B, L], mask [B, L] -> states [B, L, Dt] (or (states, query [B, Dt]))."""
-        return self.text(input_ids, attention_mask, token_type_ids, return_query)
+    def encode_text(self, input_ids, attention_mask, token_type_ids=None) -> Encoded:
+        """ids [B, L], mask [B, L] (1 = real) -> states [B, L, Dt] and the text query [B, Dt]."""
+        states, query = self.text(input_ids, attention_mask, token_type_ids)
+        return Encoded(states, attention_mask, query)
 
-    def prompt_image(self, text_query):
-        """Eq. 3-4 for a missing image: text query [B, Dt] -> (image states [B, 1 + k_v, Dv],
-        visual-pool indices [B, k_v])."""
+    # -- 2. select prompts for a missing modality (section 3.2, Eq. 3-4) ----------------------
+
+    def prompt_image(self, text_query) -> Encoded:
+        """A missing image: text query [B, Dt] -> visual prompts [B, k_v, Dv] (Eq. 3-4) run through
+        the ViT as [CLS, prompts] -> states [B, 1 + k_v, Dv]."""
         prompts, indices = self.visual_prompts.select(text_query)
-        return self.vision.encode_prompts(prompts), indices
+        return Encoded(self.vision.encode_prompts(prompts), None, None, indices)
 
-    def prompt_text(self, image_query):
-        """Eq. 3-4 for a missing text: image query [B, Dv] -> (text states [B, k_t + 2, Dt],
-        mask [B, k_t + 2], textual-pool indices [B, k_t])."""
+    def prompt_text(self, image_query) -> Encoded:
+        """A missing text: image query [B, Dv] -> textual prompts [B, k_t, Dt] (Eq. 3-4) run through
+        the text encoder as [<s>, prompts, </s>] -> states [B, k_t + 2, Dt] (all real)."""
         prompts, indices = self.textual_prompts.select(image_query)
         states, mask = self.text.encode_prompts(prompts)
-        return states, mask, indices
+        return Encoded(states, mask, None, indices)
 
-    def fuse(self, text_states, text_mask, image_states):
-        """Co-attention fusion -> (text [B, Lt, H], image [B, Li, H], joint [B, 2H])."""
-        return self.fusion(text_states, text_mask, image_states)
+    # -- 3. fuse (section 4) -------------------------------------------------------------------
 
-    def forward(self, pixel_values=None, input_ids=None, attention_mask=None,
-                image_states=None, image_query=None, text_states=None, text_query=None) -> FusionOutput:
-        """One fusion pass over an image, a text, or a pair; a missing modality is prompted.
+    def fuse(self, text: Encoded, image: Encoded) -> FusionOutput:
+        """Co-attention over both streams -> fused text [B, Lt, H], image [B, Li, H], joint [B, 2H]."""
+        t, v, joint = self.fusion(text.states, text.mask, image.states)
+        return FusionOutput(t, v, text.mask, joint, text.prompt_indices, image.prompt_indices)
 
-        Pass `image_states` (and `image_query` when the text is missing) from `encode_image` to
-        reuse one ViT pass across several fusion passes (the ViT has no dropout); likewise
-        `text_states` with `attention_mask` (and `text_query` when the image is missing) from
-        `encode_text`, where the text encoder has no dropout or is in eval mode.
-        """
-        if pixel_values is not None and image_states is not None:
-            raise ValueError("PTUnifier: pass pixel_values or image_states, not both")
-        if input_ids is not None and text_states is not None:
-            raise ValueError("PTUnifier: pass input_ids or text_states, not both")
-        has_image = pixel_values is not None or image_states is not None
-        has_text = input_ids is not None or text_states is not None
-        if not (has_image or has_text):
-            raise ValueError("PTUnifier: needs an image (pixel_values/image_states) or a text "
-                             "(input_ids/text_states)")
-        if pixel_values is not None:
-            image_states, image_query = self.encode_image(pixel_values, return_query=True)
-        text_indices = image_indices = None
+    def fuse_encoded(self, image: Encoded | None = None, text: Encoded | None = None) -> FusionOutput:
+        """One fusion pass over encoded inputs; the missing modality (at most one) is prompted."""
+        if image is None and text is None:
+            raise ValueError("PTUnifier: a fusion pass needs an image or a text")
+        if image is None:
+            image = self.prompt_image(text.query)
+        if text is None:
+            text = self.prompt_text(image.query)
+        return self.fuse(text, image)
+
+    def forward(self, pixel_values=None, input_ids=None, attention_mask=None) -> FusionOutput:
+        """One fusion pass over an image [B, 3, S, S], a text (ids [B, L], mask [B, L]; no mask
+        means every token is real), or a pair: encode what is given, prompt what is not, fuse.
+        The heads (mlm_head, itm_head, itc_image / itc_text) read the returned streams."""
+        image = None if pixel_values is None else self.encode_image(pixel_values)
+        text = None
         if input_ids is not None:
-            if attention_mask is None:
-                attention_mask = torch.ones_like(input_ids)
-            encoded = self.encode_text(input_ids, attention_mask, return_query=not has_image)
-            text_states, text_query = encoded if not has_image else (encoded, None)
-        if has_text:
-            if attention_mask is None:
-                raise ValueError("PTUnifier: text_states needs its attention_mask")
-            text_mask = attention_mask
-        else:
-            if image_query is None:
-                raise ValueError("PTUnifier: a text-less pass needs image_query to select "
-                                 "textual prompts; use encode_image(..., return_query=True)")
-            text_states, text_mask, text_indices = self.prompt_text(image_query)
-        if not has_image:
-            if text_query is None:
-                raise ValueError("PTUnifier: an image-less pass needs text_query to select "
-                                 "visual prompts; use encode_text(..., return_query=True)")
-            image_states, image_indices = self.prompt_image(text_query)
-        text, image, joint = self.fuse(text_states, text_mask, image_states)
-        return FusionOutput(text, image, text_mask, joint, text_indices, image_indices)
+            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+            text = self.encode_text(input_ids, mask)
+        return self.fuse_encoded(image, text)
 
-    # -- heads and optimisation helpers ------------------------------------------------------
+    # -- 4. heads and optimisation -------------------------------------------------------------
 
     def logit_scale(self) -> torch.Tensor:
         """ITC logit scale 1 / tau as a scalar tensor (learnable: exp(log scale) clamped <= 100)."""
@@ -785,607 +712,32 @@ class PTUnifier(nn.Module):
     def param_groups(self, encoder_lr=1e-5, other_lr=5e-5, weight_decay=0.01,
                      temperature_lr=None) -> list[dict]:
         """AdamW groups (section 5.3): encoders (ViT + text) at encoder_lr, the rest (fusion,
-        projections, pools, heads) at other_lr; no decay as in `split_decay`. With
-        `temperature_lr` (not 0 or None), a learnable temperature gets a group at that rate."""
-        encoders = nn.ModuleList([self.vision, self.text])
-        encoder_ids = {id(p) for p in encoders.parameters()}
-        own = [self.log_scale] if temperature_lr and self.config.learnable_temperature else []
-        decay, free = split_decay(self)
-        free = [p for p in free if not any(p is q for q in own)]
-        groups = []
-        for name, params, wd in (("decay", decay, weight_decay), ("no_decay", free, 0.0)):
-            for part, lr, wanted in (("encoder", encoder_lr, True), ("other", other_lr, False)):
-                chosen = [p for p in params if (id(p) in encoder_ids) == wanted]
-                if chosen:
-                    groups.append({"name": f"{part}_{name}", "params": chosen, "lr": lr,
-                                   "weight_decay": wd})
-        if own:
-            groups.append({"name": "temperature", "params": own, "lr": temperature_lr,
-                           "weight_decay": 0.0})
-        return groups
-
-    # -- pre-trained encoders --------------------------------------------------------------
-
-    def load_hf_encoders(self, vision=None, text=None) -> None:
-        """Fill the ViT from a CLIP folder and/or the text encoder from a RoBERTa/BERT folder.
-
-        Strict: the folder's config.json must match this model's Config, and every encoder
-        parameter must come from the file with the right shape (WeightLoadError otherwise).
-        """
-        if vision is not None:
-            _check_fields(self.config, hf_vision_fields(vision), vision)
-            state, source = read_safetensors(vision)
-            self.vision.load_state_dict(
-                convert_clip_vision(state, _shapes(self.vision), source), strict=True)
-        if text is not None:
-            _check_fields(self.config, hf_text_fields(text), text)
-            state, source = read_safetensors(text)
-            self.text.load_state_dict(convert_bert(state, _shapes(self.text), source), strict=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Hugging Face checkpoints: config fields, safetensors reading, explicit key maps
-# ---------------------------------------------------------------------------------------------
-
-# transformers' defaults for keys a config.json may omit.
-_CLIP_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                             num_attention_heads=12, patch_size=32,
-                             hidden_act="quick_gelu", layer_norm_eps=1e-5, num_channels=3)
-_TEXT_DEFAULTS = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                      intermediate_size=3072, hidden_act="gelu", max_position_embeddings=512,
-                      type_vocab_size=2, layer_norm_eps=1e-12,
-                      position_embedding_type="absolute")
-_TEXT_MODEL_DEFAULTS = {"bert": dict(vocab_size=30522, pad_token_id=0),
-                        "roberta": dict(vocab_size=50265, pad_token_id=1, bos_token_id=0,
-                                        eos_token_id=2)}
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise WeightLoadError(f"{path}: not found (a Hugging Face folder needs config.json)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise WeightLoadError(f"{path}: invalid JSON ({err})") from err
-
-
-def hf_vision_fields(folder) -> dict:
-    """Config fields of a CLIP / CLIP-vision folder (the image size is not one: positions are
-    resized on load)."""
-    path = Path(folder) / "config.json"
-    raw = _read_json(path)
-    kind = raw.get("model_type")
-    if kind == "clip":
-        raw = raw.get("vision_config") or {}
-    elif kind != "clip_vision_model":
-        raise WeightLoadError(f"{path}: model_type {kind!r} is not 'clip' or 'clip_vision_model'")
-    c = {**_CLIP_VISION_DEFAULTS, **raw}
-    if c["num_channels"] != 3:
-        raise WeightLoadError(f"{path}: num_channels={c['num_channels']}, only RGB (3) is supported")
-    fields = dict(vision_width=c["hidden_size"], vision_layers=c["num_hidden_layers"],
-                  vision_heads=c["num_attention_heads"], vision_mlp=c["intermediate_size"],
-                  patch_size=c["patch_size"], vision_act=c["hidden_act"],
-                  vision_ln_eps=c["layer_norm_eps"])
-    return fields
-
-
-def hf_text_fields(folder, with_special_ids: bool = False) -> dict:
-    """Config fields of a RoBERTa / BERT folder (bos/eos ids too when asked and known)."""
-    path = Path(folder) / "config.json"
-    raw = _read_json(path)
-    kind = raw.get("model_type")
-    if kind not in _TEXT_MODEL_DEFAULTS:
-        raise WeightLoadError(f"{path}: model_type {kind!r} is not 'roberta' or 'bert'")
-    c = {**_TEXT_DEFAULTS, **_TEXT_MODEL_DEFAULTS[kind], **raw}
-    if c["hidden_act"] != "gelu" or c["position_embedding_type"] != "absolute":
-        raise WeightLoadError(f"{path}: need hidden_act 'gelu' and absolute positions, got "
-                              f"{c['hidden_act']!r} and {c['position_embedding_type']!r}")
-    fields = dict(text_width=c["hidden_size"], text_layers=c["num_hidden_layers"],
-                  text_heads=c["num_attention_heads"], text_mlp=c["intermediate_size"],
-                  text_ln_eps=c["layer_norm_eps"], vocab_size=c["vocab_size"],
-                  pad_token_id=c["pad_token_id"], max_positions=c["max_position_embeddings"],
-                  type_vocab_size=c["type_vocab_size"], position_style=kind)
-    if with_special_ids:
-        fields.update({k: c[k] for k in ("bos_token_id", "eos_token_id") if c.get(k) is not None})
-    return fields
-
-
-def _check_fields(cfg: Config, fields: dict, folder) -> None:
-    wrong = [f"{k}: Config has {getattr(cfg, k)!r}, config.json gives {v!r}"
-             for k, v in fields.items() if getattr(cfg, k) != v]
-    if wrong:
-        raise WeightLoadError(f"{Path(folder) / 'config.json'} does not match the model Config "
-                              "(build it with Config.from_hf):\n  " + "\n  ".join(wrong))
-
-
-def read_safetensors(folder) -> tuple[dict[str, torch.Tensor], str]:
-    """All tensors of `folder`/model.safetensors (or its sharded index) and a name for messages.
-
-    Pickle checkpoints (pytorch_model.bin, *.pt) are refused, never loaded: unpickling can run
-    arbitrary code.
-    """
-    folder = Path(folder)
-    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
-    if single.is_file():
-        files = [single]
-    elif index.is_file():
-        files = sorted({folder / name for name in _read_json(index)["weight_map"].values()})
-    else:
-        pickles = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth"))
-        hint = (f" Found {pickles}: pickle checkpoints are never loaded; convert them to "
-                "safetensors first (save_pretrained writes model.safetensors).") if pickles else ""
-        raise WeightLoadError(f"{single}: not found.{hint}")
-    state = {}
-    for file in files:
-        try:
-            state.update(load_file(file))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise WeightLoadError(f"{file}: not a readable safetensors file (truncated, or a "
-                                  f"pickle under a safetensors name?): {err}") from err
-    return state, str(single if single.is_file() else index)
-
-
-def _shapes(module: nn.Module) -> dict[str, tuple]:
-    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
-
-
-def _pairs(src: str, dst: str) -> dict[str, tuple[str, ...]]:
-    """Weight and bias of one module: our key -> (source key,)."""
-    return {f"{dst}.{n}": (f"{src}.{n}",) for n in ("weight", "bias")}
-
-
-def _clip_vision_recipe(layers: int) -> dict[str, tuple[str, ...]]:
-    """Our VisionEncoder key -> CLIP vision key(s) (three keys are concatenated into one)."""
-    recipe = {"class_embedding": ("embeddings.class_embedding",),
-              "patch_embed.weight": ("embeddings.patch_embedding.weight",),
-              "pos_embed": ("embeddings.position_embedding.weight",),
-              **_pairs("pre_layrnorm", "ln_pre"), **_pairs("post_layernorm", "ln_post")}
-    for i in range(layers):
-        src, dst = f"encoder.layers.{i}", f"blocks.{i}"
-        for n in ("weight", "bias"):
-            recipe[f"{dst}.attn.qkv.{n}"] = tuple(f"{src}.self_attn.{p}_proj.{n}" for p in "qkv")
-        recipe.update(_pairs(f"{src}.self_attn.out_proj", f"{dst}.attn.out"))
-        recipe.update(_pairs(f"{src}.layer_norm1", f"{dst}.ln1"))
-        recipe.update(_pairs(f"{src}.mlp.fc1", f"{dst}.fc1"))
-        recipe.update(_pairs(f"{src}.mlp.fc2", f"{dst}.fc2"))
-        recipe.update(_pairs(f"{src}.layer_norm2", f"{dst}.ln2"))
-    return recipe
-
-
-def _bert_recipe(layers: int) -> dict[str, tuple[str, ...]]:
-    """Our TextEncoder key -> BERT/RoBERTa key(s) (three keys are concatenated into one)."""
-    recipe = {f"{name}.weight": (f"embeddings.{name}.weight",)
-              for name in ("word_embeddings", "position_embeddings", "token_type_embeddings")}
-    recipe.update(_pairs("embeddings.LayerNorm", "ln_embed"))
-    for i in range(layers):
-        src, dst = f"encoder.layer.{i}", f"layers.{i}"
-        for n in ("weight", "bias"):
-            recipe[f"{dst}.attn.qkv.{n}"] = tuple(
-                f"{src}.attention.self.{p}.{n}" for p in ("query", "key", "value"))
-        recipe.update(_pairs(f"{src}.attention.output.dense", f"{dst}.attn.out"))
-        recipe.update(_pairs(f"{src}.attention.output.LayerNorm", f"{dst}.ln1"))
-        recipe.update(_pairs(f"{src}.intermediate.dense", f"{dst}.fc1"))
-        recipe.update(_pairs(f"{src}.output.dense", f"{dst}.fc2"))
-        recipe.update(_pairs(f"{src}.output.LayerNorm", f"{dst}.ln2"))
-    return recipe
-
-
-def _strip(state: dict, prefix: str, ignored) -> dict:
-    """Remove `prefix` from keys that carry it and drop keys for which `ignored(key)` is true."""
-    out = {}
-    for key, value in state.items():
-        short = key[len(prefix):] if prefix and key.startswith(prefix) else key
-        if not ignored(key, short):
-            out[short] = value
-    return out
-
-
-def _apply_recipe(state, recipe, target, source, flexible_rows=()) -> dict:
-    """Check `state` against `recipe` and build our state dict; WeightLoadError lists all problems.
-
-    target: our key -> shape. Keys in `flexible_rows` may differ in their first dimension.
-    """
-    wanted = {src: (dst, len(srcs)) for dst, srcs in recipe.items() for src in srcs}
-    missing = sorted(set(wanted) - set(state))
-    unexpected = sorted(set(state) - set(wanted))
-    wrong = []
-    for src, (dst, parts) in wanted.items():
-        if src in state:
-            want = (target[dst][0] // parts, *target[dst][1:])
-            got = tuple(state[src].shape)
-            ok = got[1:] == want[1:] if dst in flexible_rows else got == want
-            if not ok:
-                wrong.append(f"{src}: file has {got}, model expects {want} (for {dst})")
-    if missing or unexpected or wrong:
-        lines = [f"missing keys ({len(missing)}): {missing}"] if missing else []
-        lines += [f"unexpected keys ({len(unexpected)}): {unexpected}"] if unexpected else []
-        lines += [f"wrong shapes ({len(wrong)}):"] + wrong if wrong else []
-        raise WeightLoadError(f"{source}: does not fit the model:\n  " + "\n  ".join(lines))
-    return {dst: torch.cat([state[s] for s in srcs]) if len(srcs) > 1 else state[srcs[0]]
-            for dst, srcs in recipe.items()}
-
-
-def convert_clip_vision(state: dict, target: dict, source: str = "state_dict") -> dict:
-    """CLIP state dict -> VisionEncoder state dict (pure; position table resized to `target`).
-
-    Accepts a full CLIPModel (keys under `vision_model.`; text_model.*, text_projection,
-    visual_projection and logit_scale are ignored) or a CLIPVisionModel with or without the
-    `vision_model.` prefix. `embeddings.position_ids` buffers are ignored.
-    """
-    prefixed = any(k.startswith("vision_model.") for k in state)
-    clip_extras = {"text_projection.weight", "visual_projection.weight", "logit_scale"}
-    state = _strip(state, "vision_model." if prefixed else "", lambda key, short: (
-        short == "embeddings.position_ids" or key in clip_extras or key.startswith("text_model.")))
-    layers = 1 + max((int(k.split(".")[1]) for k in target if k.startswith("blocks.")), default=-1)
-    out = _apply_recipe(state, _clip_vision_recipe(layers), target, source, {"pos_embed"})
-    rows = out["pos_embed"].shape[0] - 1
-    if math.isqrt(rows) ** 2 != rows:
-        raise WeightLoadError(f"{source}: position table has {rows} patch rows, not a square grid")
-    out["pos_embed"] = resize_pos_embed(out["pos_embed"], math.isqrt(target["pos_embed"][0] - 1))
-    return out
-
-
-def convert_bert(state: dict, target: dict, source: str = "state_dict") -> dict:
-    """BERT/RoBERTa state dict -> TextEncoder state dict (pure).
-
-    Accepts bare models (`embeddings.`...) and MLM models (`roberta.`/`bert.` prefix; `lm_head.`
-    and `cls.` keys ignored). Pooler weights and `embeddings.position_ids` buffers are ignored.
-    """
-    prefix = next((p for p in ("roberta.", "bert.") if any(k.startswith(p) for k in state)), "")
-    state = _strip(state, prefix, lambda key, short: (
-        short.startswith("pooler.") or short == "embeddings.position_ids"
-        or (prefix and key.startswith(("lm_head.", "cls.")))))
-    layers = 1 + max((int(k.split(".")[1]) for k in target if k.startswith("layers.")), default=-1)
-    return _apply_recipe(state, _bert_recipe(layers), target, source)
-
-
-# ---------------------------------------------------------------------------------------------
-# Generation decoder (downstream TS and ITG, paper section 5.2)
-# ---------------------------------------------------------------------------------------------
-#
-# "A Transformer decoder initialised from the pre-trained text encoder except its cross-attention
-# layers; memory = the fused image and text streams." Each DecoderLayer is a TextLayer (same
-# parameter names, so the encoder's weights copy over one to one) plus a cross-attention block:
-#   causal self-attention -> residual + LN; cross-attention to memory -> residual + LN;
-#   FFN -> residual + LN.
-# One code path serves teacher forcing and incremental decoding: `step` runs T new tokens after P
-# cached ones; `forward` is `step` over the whole sequence with an empty cache.
-#
-# Search (`generate`): greedy, or deterministic beam search (no sampling, unlike the official
-# code). A finished hypothesis of n generated tokens (its end token included, the start token
-# not; a hypothesis cut at max_len without an end token has n = max_len) scores
-#     sum of its token log-probabilities / n ** length_penalty.
-
-
-@dataclass
-class LayerCache:
-    """Keys/values of one decoder layer; rows are examples (times beams)."""
-
-    k: torch.Tensor  # [N, P, Dt] self-attention keys of the P tokens seen so far
-    v: torch.Tensor  # [N, P, Dt]
-    memory_k: torch.Tensor  # [N, M, Dt] cross-attention keys of the projected memory
-    memory_v: torch.Tensor  # [N, M, Dt]
-
-
-@dataclass
-class DecoderCache:
-    """Everything `TextDecoder.step` needs from earlier steps."""
-
-    layers: list[LayerCache]
-    memory_mask: torch.Tensor | None  # bool [N, 1, 1, M] (True = attend) or None if all real
-    length: int = 0  # P, tokens seen so far (the next token's position index)
-
-    def reorder_beams(self, rows: torch.Tensor) -> None:
-        """Keep self-attention rows `rows` [N] in this order (beam search survivors).
-
-        Each row must come from the same example's group of beams: the memory keys/values are
-        identical within a group, so they are not reordered.
-        """
-        for layer in self.layers:
-            layer.k, layer.v = layer.k[rows], layer.v[rows]
-
-
-class DecoderLayer(TextLayer):
-    """TextLayer (attn, ln1, fc1, fc2, ln2) + cross-attention to memory (cross_attn, ln_cross)."""
-
-    def __init__(self, cfg: Config):
-        D, p, eps = cfg.text_width, cfg.text_dropout, cfg.text_ln_eps
-        super().__init__(D, cfg.text_heads, cfg.text_mlp, p, eps)
-        self.cross_attn = CrossAttention(D, cfg.text_heads, p)
-        self.ln_cross = nn.LayerNorm(D, eps=eps)
-
-    def forward(self, x, cache: LayerCache, causal_mask, memory_mask):
-        """x [N, T, Dt] (T new tokens after cache.k's P), causal bool [T, P + T] or None,
-        memory_mask bool [N, 1, 1, M] or None -> [N, T, Dt]. Appends the new keys/values."""
-        p = self.attn.dropout if self.training else 0.0
-        q, k, v = self.attn.qkv(x).chunk(3, dim=-1)  # 3 x [N, T, Dt]
-        cache.k = torch.cat([cache.k, k], dim=1)  # [N, P + T, Dt]
-        cache.v = torch.cat([cache.v, v], dim=1)  # [N, P + T, Dt]
-        h = attend(q, cache.k, cache.v, self.attn.heads, causal_mask, p)
-        x = self.ln1(x + self.drop(self.attn.out(h)))
-        c = self.cross_attn
-        h = attend(c.q(x), cache.memory_k, cache.memory_v, c.heads, memory_mask, p)
-        x = self.ln_cross(x + self.drop(c.out(h)))
-        return self.ln2(x + self.drop(self.fc2(F.gelu(self.fc1(x)))))
-
-
-class LMHead(nn.Module):
-    """Language-model head, shaped like MLMHead on width Dt: dense, GELU, LayerNorm, decoder to
-    the vocabulary (the decoder weight is tied to the decoder's word embeddings)."""
-
-    def __init__(self, cfg: Config):
-        super().__init__()
-        D = cfg.text_width
-        self.dense = nn.Linear(D, D)
-        self.norm = nn.LayerNorm(D, eps=cfg.fusion_ln_eps)  # MLMHead's eps: it is copied from it
-        self.decoder = nn.Linear(D, cfg.vocab_size)
-
-    def forward(self, x):
-        """x [..., Dt] -> logits [..., V]."""
-        return self.decoder(self.norm(F.gelu(self.dense(x))))
-
-
-class TextDecoder(nn.Module):
-    """Autoregressive text decoder over a memory of fused states (TS and ITG heads).
-
-    Embeddings as TextEncoder (word + position in Config.position_style + token type 0,
-    LayerNorm, dropout); text_layers DecoderLayers; LMHead. Memory [B, M, H] goes through
-    Linear(H -> Dt) when hidden_size != text_width (identity otherwise).
-    """
-
-    COPIED_FROM_TEXT_LAYER = ("attn", "ln1", "fc1", "fc2", "ln2")
-    COPIED_FROM_TEXT_ENCODER = ("word_embeddings", "position_embeddings",
-                                "token_type_embeddings", "ln_embed")
-
-    def __init__(self, cfg: Config):
-        super().__init__()
-        D = cfg.text_width
-        self.position_offset = cfg.position_offset
-        self.max_length = cfg.max_positions - cfg.position_offset  # longest input sequence
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, D)
-        self.position_embeddings = nn.Embedding(cfg.max_positions, D)
-        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, D)
-        self.ln_embed = nn.LayerNorm(D, eps=cfg.text_ln_eps)
-        self.drop = nn.Dropout(cfg.text_dropout)
-        self.memory_proj = (nn.Linear(cfg.hidden_size, D) if cfg.hidden_size != D
-                            else nn.Identity())
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.text_layers))
-        self.lm_head = LMHead(cfg)
-        _init_weights(self)
-        self.lm_head.decoder.weight = self.word_embeddings.weight
-
-    @classmethod
-    def from_encoder(cls, model: "PTUnifier") -> "TextDecoder":
-        """A decoder initialised from `model`'s pre-trained text encoder (copies, not shared).
-
-        Copied: word/position/token-type embeddings and their LayerNorm; in every layer the
-        self-attention (attn), its LayerNorm (ln1), the FFN (fc1, fc2) and its LayerNorm (ln2).
-        When hidden_size == text_width the MLM head's dense, norm and decoder bias are copied
-        into the LM head; its decoder weight is the (copied) word-embedding matrix by tying,
-        which equals the MLM decoder when Config.tie_mlm_decoder. Otherwise the LM head is new.
-        New (fresh init): every cross_attn and ln_cross, and memory_proj.
-        """
-        cfg = model.config
-        decoder = cls(cfg).to(model.text.word_embeddings.weight.device)
-        for name in cls.COPIED_FROM_TEXT_ENCODER:
-            getattr(decoder, name).load_state_dict(getattr(model.text, name).state_dict())
-        for mine, theirs in zip(decoder.layers, model.text.layers, strict=True):
-            for name in cls.COPIED_FROM_TEXT_LAYER:
-                getattr(mine, name).load_state_dict(getattr(theirs, name).state_dict())
-        if cfg.hidden_size == cfg.text_width:
-            decoder.lm_head.dense.load_state_dict(model.mlm_head.dense.state_dict())
-            decoder.lm_head.norm.load_state_dict(model.mlm_head.norm.state_dict())
-            with torch.no_grad():
-                decoder.lm_head.decoder.bias.copy_(model.mlm_head.decoder.bias)
-        return decoder
-
-    def start(self, memory: torch.Tensor, memory_mask: torch.Tensor) -> DecoderCache:
-        """memory [N, M, H], memory_mask [N, M] (1 real, 0 pad) -> an empty cache holding the
-        per-layer memory keys/values."""
-        memory = self.memory_proj(memory)  # [N, M, Dt]
-        empty = memory.new_zeros(memory.shape[0], 0, memory.shape[2])  # [N, 0, Dt]
-        layers = [LayerCache(empty, empty, *layer.cross_attn.kv(memory).chunk(2, dim=-1))
-                  for layer in self.layers]
-        return DecoderCache(layers, key_padding_mask(memory_mask))
-
-    def step(self, input_ids: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
-        """input_ids [N, T] following cache.length earlier tokens -> logits [N, T, V].
-
-        Causal: token i sees the P cached tokens and new tokens 0..i. Updates `cache`.
-        """
-        N, T = input_ids.shape
-        P = cache.length
-        if P + T > self.max_length:
-            raise ValueError(f"TextDecoder: {P + T} tokens need {P + T + self.position_offset} "
-                             f"position rows, the table has "
-                             f"{self.position_embeddings.num_embeddings} (Config.max_positions)")
-        positions = torch.arange(P, P + T, device=input_ids.device) + self.position_offset  # [T]
-        x = (self.word_embeddings(input_ids) + self.position_embeddings(positions)
-             + self.token_type_embeddings.weight[0])  # [N, T, Dt]
-        x = self.drop(self.ln_embed(x))
-        causal = None if T == 1 else torch.ones(
-            T, P + T, dtype=torch.bool, device=input_ids.device).tril(diagonal=P)  # [T, P + T]
-        for layer, layer_cache in zip(self.layers, cache.layers):
-            x = layer(x, layer_cache, causal, cache.memory_mask)
-        cache.length = P + T
-        return self.lm_head(x)
-
-    def forward(self, input_ids, memory, memory_mask) -> torch.Tensor:
-        """Teacher forcing: input_ids [B, T], memory [B, M, H], memory_mask [B, M] (1 real,
-        0 pad) -> logits [B, T, V]. Target padding is left to the loss (ignore index)."""
-        return self.step(input_ids, self.start(memory, memory_mask))
-
-
-def generation_memory(out: FusionOutput) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decoder memory from one fusion pass: (concat(text, image) [B, Lt + Li, H],
-    mask [B, Lt + Li] = concat(text_mask, ones))."""
-    B, Li, _ = out.image.shape
-    ones = torch.ones(B, Li, dtype=out.text_mask.dtype, device=out.text_mask.device)
-    return (torch.cat([out.text, out.image], dim=1),  # [B, Lt + Li, H]
-            torch.cat([out.text_mask, ones], dim=1))  # [B, Lt + Li]
-
-
-def generate(decoder: TextDecoder, memory, memory_mask, bos_id: int, eos_id: int,
-             max_len: int = 64, beams: int = 1, length_penalty: float = 1.0,
-             no_repeat_ngram: int = 0) -> list[list[int]]:
-    """Token ids (no bos/eos) of the best continuation of `bos_id` for each example.
-
-    memory [B, M, H], memory_mask [B, M] (1 real). beams == 1: greedy; beams > 1: beam search
-    (see `beam_search` for the score and the stopping rule). At most max_len tokens are
-    generated (an end token included). no_repeat_ngram = n > 0 forbids any n-gram of generated
-    tokens to occur twice (`ban_repeats`). Runs in eval mode without gradients and restores the
-    decoder's training flag afterwards.
-    """
-    if beams < 1 or max_len < 1:
-        raise ValueError(f"generate: need beams >= 1 and max_len >= 1, got {beams} and {max_len}")
-    if max_len > decoder.max_length:
-        raise ValueError(f"generate: max_len={max_len} exceeds the decoder's "
-                         f"{decoder.max_length} positions (Config.max_positions minus the "
-                         "position offset); lower max_len")
-    was_training = decoder.training
-    decoder.eval()
-    try:
-        with torch.no_grad():
-            if beams == 1:
-                return greedy_search(decoder, memory, memory_mask, bos_id, eos_id, max_len,
-                                     no_repeat_ngram)
-            return beam_search(decoder, memory, memory_mask, bos_id, eos_id, max_len, beams,
-                               length_penalty, no_repeat_ngram)
-    finally:
-        decoder.train(was_training)
-
-
-def ban_repeats(logits: torch.Tensor, histories: list[list[int]], n: int) -> torch.Tensor:
-    """logits [R, V] of the next token after each row's generated tokens `histories`; every token
-    that would complete an n-gram already in its row's history is set to -inf (n <= 0: none)."""
-    if n <= 0:
-        return logits
-    for row, past in enumerate(histories):
-        if len(past) < n - 1:
-            continue
-        prefix = past[len(past) - n + 1:]  # the last n - 1 tokens ([] for n = 1)
-        banned = [past[i + n - 1] for i in range(len(past) - n + 1) if past[i:i + n - 1] == prefix]
-        if banned:
-            logits[row, banned] = -math.inf
-    return logits
-
-
-def greedy_search(decoder, memory, memory_mask, bos_id, eos_id, max_len,
-                  no_repeat_ngram: int = 0) -> list[list[int]]:
-    """Batched greedy decoding (argmax each step) until every example emitted eos or max_len."""
-    B = memory.shape[0]
-    cache = decoder.start(memory, memory_mask)
-    tokens = torch.full((B, 1), bos_id, dtype=torch.long, device=memory.device)  # [B, 1]
-    out = [[] for _ in range(B)]
-    finished = [False] * B
-    for _ in range(max_len):
-        logits = ban_repeats(decoder.step(tokens, cache)[:, -1].float(), out, no_repeat_ngram)
-        chosen = logits.argmax(dim=-1)  # [B]
-        for b, token in enumerate(chosen.tolist()):
-            if not finished[b]:
-                finished[b] = token == eos_id
-                if not finished[b]:
-                    out[b].append(token)
-        if all(finished):
-            break
-        tokens = chosen[:, None]  # [B, 1]
-    return out
-
-
-def hypothesis_score(log_prob: float, length: int, length_penalty: float) -> float:
-    """Score of a finished hypothesis: sum of log-probs / length ** length_penalty."""
-    return log_prob / length ** length_penalty
-
-
-def _best_possible(log_prob: float, length: int, max_len: int, length_penalty: float) -> float:
-    """Upper bound on the final score of a live hypothesis with `length` tokens and summed
-    log-prob `log_prob` <= 0: later tokens only lower the sum, and the final length lies in
-    [length + 1, max_len]; s / n ** lp is largest at n = max_len when lp > 0, else at length + 1."""
-    best_length = max_len if length_penalty > 0 else length + 1
-    return hypothesis_score(log_prob, best_length, length_penalty)
-
-
-def beam_search(decoder, memory, memory_mask, bos_id, eos_id, max_len, beams,
-                length_penalty, no_repeat_ngram: int = 0) -> list[list[int]]:
-    """Deterministic batched beam search (no sampling).
-
-    Each example keeps `beams` live hypotheses. A step expands each with log-softmax and takes
-    the example's top 2 * beams (hypothesis, token) pairs by summed log-prob: an end token
-    ranked among the first `beams` finishes a hypothesis (`hypothesis_score`); the first
-    `beams` other pairs become the live hypotheses. At max_len tokens the live hypotheses are
-    finished as they are. An example stops once it holds `beams` finished hypotheses and none of
-    its live ones can still beat the worst of them (`_best_possible`); the search stops when all
-    examples have stopped. Returns the best finished hypothesis of each example.
-    """
-    B, K = memory.shape[0], beams
-    cache = decoder.start(memory.repeat_interleave(K, dim=0),  # [B * K, M, H]
-                          memory_mask.repeat_interleave(K, dim=0))  # [B * K, M]
-    tokens = torch.full((B * K, 1), bos_id, dtype=torch.long, device=memory.device)
-    scores = torch.full((B, K), -math.inf, device=memory.device)  # summed log-probs
-    scores[:, 0] = 0.0  # one live hypothesis to start from: no duplicate beams
-    history = [[] for _ in range(B * K)]  # generated tokens of each row
-    finished = [[] for _ in range(B)]  # (score, tokens), best first, at most K
-    done = [False] * B
-    for t in range(max_len):  # t tokens generated so far
-        log_probs = decoder.step(tokens, cache)[:, -1].float().log_softmax(dim=-1)  # [B*K, V]
-        log_probs = ban_repeats(log_probs, history, no_repeat_ngram)
-        V = log_probs.shape[-1]
-        total = (scores.view(B * K, 1) + log_probs).view(B, K * V)  # [B, K * V]
-        top, flat = total.topk(2 * K, dim=1)  # [B, 2K]
-        rows, next_tokens, next_scores, next_history = [], [], [], []
-        for b in range(B):
-            live = [] if done[b] else _expand(
-                finished[b], top[b].tolist(), flat[b].tolist(), V, K, history[b * K:(b + 1) * K],
-                eos_id, t + 1, length_penalty)
-            if not done[b]:
-                done[b] = _example_done(finished[b], live, K, t + 1, max_len, length_penalty)
-            if done[b]:  # frozen: keep rows in place, scores -inf
-                live = [(-math.inf, j, eos_id, history[b * K + j]) for j in range(K)]
-            for score, j, token, tokens_so_far in live:
-                rows.append(b * K + j)
-                next_tokens.append(token)
-                next_scores.append(score)
-                next_history.append(tokens_so_far)
-        if all(done):
-            break
-        cache.reorder_beams(torch.tensor(rows, device=memory.device))
-        tokens = torch.tensor(next_tokens, device=memory.device)[:, None]  # [B * K, 1]
-        scores = torch.tensor(next_scores, device=memory.device).view(B, K)
-        history = next_history
-    return [hyps[0][1] for hyps in finished]
-
-
-def _expand(finished, top, flat, V, K, history, eos_id, length, length_penalty):
-    """One example's step: record finished hypotheses (in place) and return the live ones as
-    (summed log-prob, source beam, token, tokens including it) for up to K pairs."""
-    live = []
-    for rank, (score, index) in enumerate(zip(top, flat)):
-        j, token = divmod(index, V)
-        if token == eos_id:
-            if rank < K:
-                _add_finished(finished, hypothesis_score(score, length, length_penalty),
-                              history[j], K)
-        else:
-            live.append((score, j, token, history[j] + [token]))
-            if len(live) == K:
-                break
-    return live
-
-
-def _add_finished(finished: list, score: float, tokens: list[int], K: int) -> None:
-    """Insert (score, tokens) keeping the K best, best first (ties: the earlier stays ahead)."""
-    finished.append((score, tokens))
-    finished.sort(key=lambda hyp: -hyp[0])
-    del finished[K:]
-
-
-def _example_done(finished, live, K, length, max_len, length_penalty) -> bool:
-    """Finish the live hypotheses at max_len; else True when none can beat the K-th finished."""
-    if length == max_len:
-        for score, _, _, tokens in live:
-            _add_finished(finished, hypothesis_score(score, length, length_penalty), tokens, K)
-        return True
-    if len(finished) < K:
-        return False
-    best = max(_best_possible(score, length, max_len, length_penalty) for score, *_ in live)
-    return finished[-1][0] >= best
+        projections, pools, heads) at other_lr. With `temperature_lr` (not 0 or None), a learnable
+        temperature gets a group of its own at that rate."""
+        encoders = {id(p) for p in nn.ModuleList([self.vision, self.text]).parameters()}
+        own = bool(temperature_lr) and self.config.learnable_temperature
+
+        def part(p: nn.Parameter) -> tuple[str, float]:
+            if own and p is self.log_scale:
+                return "temperature", temperature_lr
+            return ("encoder", encoder_lr) if id(p) in encoders else ("other", other_lr)
+        return param_groups(self, part, weight_decay)
+
+
+def param_groups(module: nn.Module, part_of, weight_decay: float) -> list[dict]:
+    """AdamW groups {part} x {decay, no decay} of the trainable parameters of `module`:
+    part_of(p) -> (part name, learning rate); no decay as in `split_decay`. Decayed groups come
+    first, each kind in the order the parts first appear; empty groups are left out."""
+    decay, free = split_decay(module)
+    rates = {}
+    for p in decay + free:
+        name, lr = part_of(p)
+        rates.setdefault(name, lr)
+    groups = []
+    for kind, params, wd in (("decay", decay, weight_decay), ("no_decay", free, 0.0)):
+        for name, lr in rates.items():
+            chosen = [p for p in params if part_of(p)[0] == name]
+            if chosen:
+                groups.append({"name": f"{name}_{kind}", "params": chosen, "lr": lr,
+                               "weight_decay": wd})
+    return groups

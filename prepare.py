@@ -3,7 +3,7 @@
 Implements the data preparation behind PTUnifier (ICCV 2023) section 5.1 (pre-training corpora:
 ROCO, MedICaT, MIMIC-CXR) and section 5.2 (downstream: CheXpert, RSNA Pneumonia, RadNLI,
 MIMIC-CXR summarization, ROCO retrieval, MIMIC-CXR report generation, VQA-RAD, SLAKE,
-VQA-Med 2019). Release layouts are described in shared/DATASETS.md. Nothing is downloaded.
+VQA-Med 2019). Release layouts are described in docs/DATASETS.md. Nothing is downloaded.
 
 Usage:  python prepare.py DATASET --src RAW_DIR --out data/DATASET [--seed 42] [flags]
         python prepare.py --help        (lists every dataset and the flags each one reads)
@@ -30,7 +30,7 @@ Datasets (DATASET: --src folder -> task; splits):
                   C4 abnormality dropped (via QAPairsByCategory/C4_Abnormality_*.txt and the
                   test category column) unless --keep-abnormality
 
-Conventions (DATASETS.md, the PTUnifier/M3AE preprocessing):
+Conventions (docs/DATASETS.md, the PTUnifier/M3AE preprocessing):
 - texts: runs of whitespace collapsed, trimmed; pre-training, retrieval, report and
   summarization texts with fewer than 3 words are dropped. NLI sentences and VQA questions are
   kept whatever their length (dropping them would change the official benchmarks).
@@ -119,7 +119,7 @@ def open_text(path: str):
     if not os.path.exists(path) and os.path.exists(path + ".gz"):
         return gzip.open(path + ".gz", "rt", encoding="utf-8", newline="")
     if not os.path.exists(path):
-        raise PrepareError(f"{path}: file not found (check --src and DATASETS.md for the layout)")
+        raise PrepareError(f"{path}: file not found (check --src and docs/DATASETS.md for the layout)")
     return open(path, encoding="utf-8", newline="")
 
 
@@ -722,7 +722,7 @@ def write_output(out: Output, name: str, args) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="See shared/DATASETS.md for each release layout.")
+                                epilog="See docs/DATASETS.md for each release layout.")
     p.add_argument("dataset", choices=sorted(CONVERTERS), help="which release to convert")
     p.add_argument("--src", required=True, help="root folder of the raw release")
     p.add_argument("--out", required=True, help="task folder to write, e.g. data/roco")

@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 import data
-import evaluate
+import metrics
 
 SIDES = ("right", "left")                       # patient's side; right is on the image's left
 LEVELS = ("upper", "middle", "lower")
@@ -432,7 +432,7 @@ def label_report(text: str) -> list[int]:
     a sentence with no negation word before it ("No pneumothorax or pleural effusion is seen."
     states neither); a "nodular opacity" is a nodule, not an opacity; never mentioned is 0.
     Exact on every report this generator writes (a test); scores generated reports (clinical
-    efficacy, evaluate.clinical_efficacy)."""
+    efficacy, metrics.clinical_efficacy)."""
     present = set()
     for sentence in text.lower().split("."):
         words = re.findall(r"[a-z]+", sentence)
@@ -585,9 +585,9 @@ def task_records(items: list[dict], splits: list[str]) -> dict[str, list[dict]]:
 
 
 def constant_rouge_l(constant: str, references: list[str]) -> float:
-    """Corpus ROUGE-L (evaluate.rouge_l, as the benchmark reports it) of answering `constant` to all."""
-    return evaluate.rouge_l([evaluate.normalize_text(constant)] * len(references),
-                            [[evaluate.normalize_text(r)] for r in references])
+    """Corpus ROUGE-L (metrics.rouge_l, as the benchmark reports it) of answering `constant` to all."""
+    return metrics.rouge_l([metrics.normalize_text(constant)] * len(references),
+                            [[metrics.normalize_text(r)] for r in references])
 
 
 def duplicate_rate(texts: list[str]) -> float:
@@ -734,6 +734,23 @@ def preview(out, n: int = 8) -> Path:
         draw.multiline_text((img_px + 14, row * panel_h + 4), "\n".join(text[:15]), fill="black")
     sheet.save(out / "preview.png")
     return out / "preview.png"
+
+
+def ensure(root) -> None:
+    """Create the default benchmark in `root` when it is not there (the default run's first use)."""
+    if not (Path(root) / "pretrain" / "manifest.jsonl").exists():
+        print(f"creating the synthetic benchmark in {root} ...", flush=True)
+        main(["--out", str(root)])
+
+
+def check_version(root) -> None:
+    """Refuse a benchmark folder written by another version of this generator (its tasks differ)."""
+    path = Path(root) / "summary.json"
+    version = json.loads(path.read_text()).get("version", 1) if path.is_file() else None
+    if version != VERSION:
+        raise SystemExit(f"{path}: synthetic benchmark version {version}, this synth.py writes version "
+                         f"{VERSION} (version 2: the itg target lost its header lines); regenerate "
+                         f"it with: python synth.py --out {root}")
 
 
 def main(argv=None):

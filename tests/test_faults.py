@@ -29,7 +29,8 @@ import data
 import synth
 import train
 from checkpoint import CheckpointError, read_checkpoint
-from model import PTUnifier, Config, WeightLoadError
+from hf import WeightLoadError, config_from_hf, load_hf_encoders
+from model import PTUnifier
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 4  # steps of every short run; the interrupted ones stop after step K
@@ -342,7 +343,7 @@ def test_broken_encoder_folder_names_file_and_problem(tmp_path, kind, problem):
     folder = tmp_path / "bert"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(BERT))
-    model = PTUnifier(Config.from_hf(text=folder, **SMALL))
+    model = PTUnifier(config_from_hf(text=folder, **SMALL))
     marker = tmp_path / "unpickled"
     weights = folder / "model.safetensors"
     if kind == "empty":
@@ -356,7 +357,7 @@ def test_broken_encoder_folder_names_file_and_problem(tmp_path, kind, problem):
     if kind == "wrong-config":
         (folder / "config.json").write_text(json.dumps({**BERT, "num_hidden_layers": 2}))
     with pytest.raises(WeightLoadError) as err:
-        model.load_hf_encoders(text=folder)
+        load_hf_encoders(model, text=folder)
     where = folder / ("config.json" if kind == "wrong-config" else "model.safetensors")
     assert str(where) in str(err.value) and problem in str(err.value)
     assert not marker.exists()

@@ -17,7 +17,8 @@ import synth
 from checkpoint import CheckpointError, save_checkpoint
 from data import TaskDataset, Tokenizer, make_loader, read_manifest, write_manifest
 from losses import itc_loss
-from model import PRESETS, PTUnifier
+from model import PTUnifier
+from recipes import RECIPES
 from train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ def bench(tmp_path_factory):
 def tiny_backbone(tok, **overrides) -> PTUnifier:
     torch.manual_seed(0)
     fields = dict(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, **overrides)
-    return PTUnifier(dataclasses.replace(PRESETS["tiny"], **fields))
+    return PTUnifier(dataclasses.replace(RECIPES["tiny"].model, **fields))
 
 
 def first_batch(root, tok, task, n=6):
@@ -116,7 +117,7 @@ def test_param_groups_backbone_and_task_rates(bench):
     root, tok = bench
     model = ft.FinetuneModel(tiny_backbone(tok), ft.TASKS["ic"], 6)
     cfg = ft.FinetuneConfig(task="ic", lr_backbone=1e-6, lr_task=1e-3, weight_decay=0.05)
-    groups = {g["name"]: g for g in ft.param_groups(model, cfg)}
+    groups = {g["name"]: g for g in ft.make_optimizer(model, cfg, torch.device("cpu")).param_groups}
     head = {id(p) for p in model.head.parameters()}
     assert {id(p) for n in ("task_decay", "task_no_decay") for p in groups[n]["params"]} == head
     assert groups["task_decay"]["lr"] == 1e-3 and groups["backbone_decay"]["lr"] == 1e-6
@@ -213,7 +214,7 @@ def test_label_count_mismatch_is_a_clear_error(bench, tmp_path):
 
 def test_vocabulary_mismatch_is_a_clear_error(bench, tmp_path):
     root, tok = bench
-    other = PTUnifier(dataclasses.replace(PRESETS["tiny"], vocab_size=tok.vocab_size + 7))
+    other = PTUnifier(dataclasses.replace(RECIPES["tiny"].model, vocab_size=tok.vocab_size + 7))
     save_checkpoint(tmp_path / "other.safetensors", other, None, None, {}, other.config, None)
     cfg = run_cfg(root, "tc", tmp_path / "run", init=str(tmp_path / "other.safetensors"))
     with pytest.raises(SystemExit, match=rf"vocab_size={tok.vocab_size + 7}.*vocab_size={tok.vocab_size}"):
@@ -244,9 +245,10 @@ def test_two_process_ddp_fine_tuning_uses_global_negatives(bench, tmp_path):
 
 
 def test_no_repeat_ngram_defaults_per_recipe_and_task_and_can_be_turned_off():
-    itg, ts = ft.FinetuneConfig(task="itg"), ft.FinetuneConfig(task="ts")
-    assert ts.resolved("tiny").no_repeat_ngram == 3 and ts.resolved("base").no_repeat_ngram == 0
-    assert itg.resolved("tiny").no_repeat_ngram == 0
-    assert ft.FinetuneConfig(task="vqa").resolved("tiny").no_repeat_ngram == 0
-    assert dataclasses.replace(itg, no_repeat_ngram=0).resolved("tiny").no_repeat_ngram == 0
-    assert dataclasses.replace(itg, no_repeat_ngram=4).resolved("base").no_repeat_ngram == 4
+    def resolved(task, preset, **fields):
+        return ft.FinetuneConfig(task=task, preset=preset, **fields).resolved()
+    assert resolved("ts", "tiny").no_repeat_ngram == 3 and resolved("ts", "base").no_repeat_ngram == 0
+    assert resolved("itg", "tiny").no_repeat_ngram == 0
+    assert resolved("vqa", "tiny").no_repeat_ngram == 0
+    assert resolved("itg", "tiny", no_repeat_ngram=0).no_repeat_ngram == 0
+    assert resolved("itg", "base", no_repeat_ngram=4).no_repeat_ngram == 4

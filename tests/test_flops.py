@@ -23,11 +23,12 @@ from torch.utils.flop_counter import FlopCounterMode
 import train
 from bench import step_flops, synthetic_batch
 from losses import LossWeights
-from model import PRESETS, PTUnifier
+from model import PTUnifier
+from recipes import RECIPES
 
 # Every width 8, MLP 16, one layer per stack; 8 px images of 4 px patches: N = 4 patches.
 SMALL = dataclasses.replace(
-    PRESETS["tiny"], image_size=8, patch_size=4, vision_width=8, vision_layers=1, vision_heads=2,
+    RECIPES["tiny"].model, image_size=8, patch_size=4, vision_width=8, vision_layers=1, vision_heads=2,
     vision_mlp=16, vocab_size=32, text_width=8, text_layers=1, text_heads=2, text_mlp=16,
     max_positions=16, max_text_len=6, hidden_size=8, fusion_layers=1, fusion_heads=2,
     fusion_mlp=16, pool_size=4, k_visual=2, k_textual=2, embed_dim=4)

@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from model import (PRESETS, PTUnifier, TextDecoder, ban_repeats, beam_search, generate, generation_memory,
-                   greedy_search)
+from generation import TextDecoder, ban_repeats, beam_search, generate, generation_memory, greedy_search
+from model import PTUnifier
+from recipes import RECIPES
 
 BOS, EOS = 0, 2
 
@@ -24,7 +25,7 @@ def small_config(**overrides):
                   fusion_layers=1, fusion_heads=4, fusion_mlp=64, pool_size=16, k_visual=4,
                   k_textual=4, embed_dim=32)
     fields.update(overrides)
-    return dataclasses.replace(PRESETS["tiny"], **fields)
+    return dataclasses.replace(RECIPES["tiny"].model, **fields)
 
 
 def random_decoder(seed=0, **overrides) -> TextDecoder:

@@ -1,4 +1,4 @@
-"""Tests for the metrics section of evaluate.py.
+"""Tests for metrics.py.
 
 Independent references: scikit-learn's roc_auc_score (AUROC), pycocoevalcap 1.2 (BLEU, ROUGE-L,
 CIDEr-D, METEOR; fed the same normalised text, so the comparison is metric against metric),
@@ -15,9 +15,9 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from sklearn.metrics import precision_recall_fscore_support, roc_auc_score
 
-import evaluate
-from evaluate import (accuracy, auroc, clinical_efficacy, macro_auroc, nlg_metrics, normalize_text,
-                      recall_at_k, vqa_accuracy)
+import metrics
+from metrics import (accuracy, auroc, clinical_efficacy, macro_auroc, nlg_metrics, normalize_text,
+                     recall_at_k, vqa_accuracy)
 
 # ---- AUROC ------------------------------------------------------------------------------------
 
@@ -266,16 +266,16 @@ def test_meteor_equals_reference_jar():
 
 
 def test_meteor_unavailable_without_java(monkeypatch):
-    monkeypatch.setattr(evaluate.shutil, "which", lambda name: None)
+    monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
     got = nlg_metrics({"a": "no effusion"}, {"a": ["no pleural effusion"]})
     assert got.meteor is None and "java not found" in got.meteor_error
     assert got.bleu_1 > 0                                          # the other metrics still run
 
 
 def test_meteor_unavailable_without_jar_or_with_broken_jar(monkeypatch, tmp_path):
-    monkeypatch.setattr(evaluate, "_meteor_jar", lambda: None)
-    assert evaluate.meteor(["a"], [["a"]]) == (
+    monkeypatch.setattr(metrics, "_meteor_jar", lambda: None)
+    assert metrics.meteor(["a"], [["a"]]) == (
         None, "METEOR unavailable: pycocoevalcap (which ships meteor-1.5.jar) is not installed")
-    monkeypatch.setattr(evaluate, "_meteor_jar", lambda: str(tmp_path / "missing.jar"))
-    score, reason = evaluate.meteor(["a"], [["a"]])
+    monkeypatch.setattr(metrics, "_meteor_jar", lambda: str(tmp_path / "missing.jar"))
+    score, reason = metrics.meteor(["a"], [["a"]])
     assert score is None and "the jar failed" in reason

@@ -15,9 +15,10 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import model as model_module
-from model import (PRESETS, ClassifierHead, Config, ConfigError, GlobalBatchNorm, PTUnifier,
-                   WeightLoadError, key_padding_mask, resize_pos_embed, restore_running_statistics,
-                   save_running_statistics)
+from hf import WeightLoadError, config_from_hf, load_hf_encoders
+from model import ClassifierHead, Config, ConfigError, GlobalBatchNorm, PTUnifier, key_padding_mask, resize_pos_embed
+from recipes import RECIPES
+from runtime import finish_step, snapshot_buffers
 
 TOL = 1e-5
 VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -66,8 +67,8 @@ def folders(tmp_path_factory):
 
 
 def ours(vision=None, text=None, **overrides) -> PTUnifier:
-    model = PTUnifier(Config.from_hf(vision=vision, text=text, **_small(vision, text, overrides)))
-    model.load_hf_encoders(vision=vision, text=text)
+    model = PTUnifier(config_from_hf(vision=vision, text=text, **_small(vision, text, overrides)))
+    load_hf_encoders(model, vision=vision, text=text)
     return model.eval()
 
 
@@ -93,7 +94,7 @@ def test_vision_parity(folders, name):
     pixels = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         expected = reference.post_layernorm(reference(pixel_values=pixels).last_hidden_state)
-        got = ours(vision=paths[name]).encode_image(pixels)
+        got = ours(vision=paths[name]).encode_image(pixels).states
     assert got.shape == expected.shape == (3, 17, 64)
     assert (got - expected).abs().max().item() <= TOL
 
@@ -119,7 +120,7 @@ def test_text_parity(folders, name, base):
     ids, mask = padded_batch(TEXT["vocab_size"], pad, special=(0, 2))
     with torch.no_grad():
         expected = reference(input_ids=ids, attention_mask=mask).last_hidden_state
-        got = ours(text=paths[name]).encode_text(ids, mask)
+        got = ours(text=paths[name]).encode_text(ids, mask).states
     real = mask.bool()
     assert (got[real] - expected[real]).abs().max().item() <= TOL
 
@@ -135,13 +136,13 @@ def test_real_minilm_parity():
                             "Small left pleural effusion with adjacent atelectasis, unchanged."],
                            max_length=32)
     assert (mask == 0).any()  # a padded batch
-    model = PTUnifier(Config.from_hf(text=folder, **_small(None, folder, dict(
+    model = PTUnifier(config_from_hf(text=folder, **_small(None, folder, dict(
         prompt_mode="static", bos_token_id=tok.bos_id, eos_token_id=tok.eos_id))))
-    model.load_hf_encoders(text=folder)
+    load_hf_encoders(model, text=folder)
     reference = transformers.BertModel.from_pretrained(folder).eval()
     with torch.no_grad():
         expected = reference(input_ids=ids, attention_mask=mask).last_hidden_state
-        got = model.eval().encode_text(ids, mask)
+        got = model.eval().encode_text(ids, mask).states
     real = mask.bool()
     assert (got[real] - expected[real]).abs().max().item() <= TOL
 
@@ -171,7 +172,7 @@ def test_loading_into_a_larger_image_resizes_positions(folders):
     model = ours(vision=paths["clip_vision"], image_size=48)
     source = live["clip_vision"].embeddings.position_embedding.weight.detach()
     assert torch.equal(model.vision.pos_embed.detach(), resize_pos_embed(source, 6))
-    assert model.encode_image(torch.randn(1, 3, 48, 48)).shape == (1, 37, 64)
+    assert model.encode_image(torch.randn(1, 3, 48, 48)).states.shape == (1, 37, 64)
 
 
 # -- fusion, shapes, heads ---------------------------------------------------------------------
@@ -179,7 +180,7 @@ def test_loading_into_a_larger_image_resizes_positions(folders):
 
 def test_padding_content_does_not_change_real_outputs():
     torch.manual_seed(0)
-    model = PTUnifier(PRESETS["tiny"]).eval()
+    model = PTUnifier(RECIPES["tiny"].model).eval()
     pixels = torch.randn(2, 3, 64, 64)
     ids = torch.randint(5, 4096, (2, 12))
     mask = torch.ones_like(ids)
@@ -196,10 +197,10 @@ def test_padding_content_does_not_change_real_outputs():
 
 
 def base_reduced() -> Config:
-    return dataclasses.replace(PRESETS["base"], vision_layers=1, text_layers=1, fusion_layers=1)
+    return dataclasses.replace(RECIPES["base"].model, vision_layers=1, text_layers=1, fusion_layers=1)
 
 
-@pytest.mark.parametrize("make_cfg", [lambda: PRESETS["tiny"], base_reduced], ids=["tiny", "base"])
+@pytest.mark.parametrize("make_cfg", [lambda: RECIPES["tiny"].model, base_reduced], ids=["tiny", "base"])
 def test_shapes_for_all_input_kinds(make_cfg):
     cfg = make_cfg()
     model = PTUnifier(cfg).eval()
@@ -209,12 +210,12 @@ def test_shapes_for_all_input_kinds(make_cfg):
     ids = torch.randint(5, cfg.vocab_size, (B, L))
     mask = torch.ones_like(ids)
     with torch.no_grad():
-        states, query = model.encode_image(pixels, return_query=True)
-        assert states.shape == (B, 1 + N, cfg.vision_width) and query.shape == (B, cfg.vision_width)
-        assert model.encode_text(ids, mask).shape == (B, L, cfg.text_width)
+        image, text = model.encode_image(pixels), model.encode_text(ids, mask)
+        assert image.states.shape == (B, 1 + N, cfg.vision_width) and image.query.shape == (B, cfg.vision_width)
+        assert text.states.shape == (B, L, cfg.text_width) and text.query.shape == (B, cfg.text_width)
         image_only = model(pixel_values=pixels)
         text_only = model(input_ids=ids, attention_mask=mask)
-        pair = model(image_states=states, input_ids=ids, attention_mask=mask)
+        pair = model.fuse_encoded(image, text)
     assert image_only.text.shape == (B, cfg.k_textual + 2, H)
     assert image_only.image.shape == (B, 1 + N, H)
     assert image_only.text_prompt_indices.shape == (B, cfg.k_textual)
@@ -235,16 +236,16 @@ def test_shapes_for_all_input_kinds(make_cfg):
 
 def test_reused_vit_pass_equals_a_full_pass():
     torch.manual_seed(0)
-    model = PTUnifier(PRESETS["tiny"]).eval()
+    model = PTUnifier(RECIPES["tiny"].model).eval()
     pixels = torch.randn(2, 3, 64, 64)
     ids = torch.randint(5, 4096, (2, 9))
-    states, query = model.encode_image(pixels, return_query=True)
-    for text in (dict(input_ids=ids), {}):
-        full = model(pixel_values=pixels, **text)
-        reused = model(image_states=states, image_query=query, **text)
+    image = model.encode_image(pixels)
+    for text in (model.encode_text(ids, torch.ones_like(ids)), None):
+        full = model(pixel_values=pixels, input_ids=None if text is None else ids)
+        reused = model.fuse_encoded(image, text)
         assert torch.equal(full.joint, reused.joint)
-    with pytest.raises(ValueError, match="image_query"):
-        model(image_states=states)
+    with pytest.raises(ValueError, match="an image or a text"):
+        model.fuse_encoded()
 
 
 def test_fully_real_batches_use_no_attention_mask(monkeypatch):
@@ -259,17 +260,17 @@ def test_fully_real_batches_use_no_attention_mask(monkeypatch):
         return real_sdpa(*args, **kwargs)
 
     monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", spy)
-    model = PTUnifier(PRESETS["tiny"]).eval()
+    model = PTUnifier(RECIPES["tiny"].model).eval()
     model(pixel_values=torch.randn(1, 3, 64, 64), input_ids=torch.randint(5, 99, (1, 6)))
     assert seen and all(m is None for m in seen)
 
 
 def test_heads_and_temperature():
-    model = PTUnifier(dataclasses.replace(PRESETS["tiny"], temperature=0.1, learnable_temperature=False))
+    model = PTUnifier(dataclasses.replace(RECIPES["tiny"].model, temperature=0.1, learnable_temperature=False))
     assert model.mlm_head.decoder.weight is model.text.word_embeddings.weight
     assert model.logit_scale().item() == pytest.approx(10.0)
     assert "log_scale" not in dict(model.named_parameters())
-    learn = PTUnifier(dataclasses.replace(PRESETS["tiny"], learnable_temperature=True,
+    learn = PTUnifier(dataclasses.replace(RECIPES["tiny"].model, learnable_temperature=True,
                                           temperature=0.001, tie_mlm_decoder=False))
     assert learn.mlm_head.decoder.weight is not learn.text.word_embeddings.weight
     assert learn.logit_scale().item() == pytest.approx(100.0)  # 1000 clamped to 100
@@ -302,56 +303,59 @@ def test_global_batch_norm_equals_batchnorm1d_without_a_process_group():
 
 
 def test_a_skipped_step_can_restore_the_running_statistics():
-    model = PTUnifier(PRESETS["tiny"])  # two GlobalBatchNorms: itc_image and itc_text
-    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
-    assert len(before) == 4
-    saved = save_running_statistics(model)
-    model.itc_image(torch.randn(6, 2 * PRESETS["tiny"].hidden_size))  # a training forward
+    model = PTUnifier(RECIPES["tiny"].model)  # two GlobalBatchNorms: itc_image and itc_text
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert len([k for k in before if "running" in k]) == 4
+    saved = snapshot_buffers(model)
+    loss = model.itc_image(torch.randn(6, 2 * RECIPES["tiny"].model.hidden_size)).sum()  # a training forward
     assert not torch.equal(model.itc_image.batch_norm.running_mean, before["itc_image.batch_norm.running_mean"])
-    restore_running_statistics(model, saved)
-    for k, v in before.items():
+    loss.backward()
+    optimizer = torch.optim.AdamW(model.parameters())
+    finish_step(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), 1.0, saved, finite=False)
+    for k, v in before.items():  # running statistics restored, no parameter moved
         assert torch.equal(model.state_dict()[k], v), k
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_itc_batch_norm_spreads_the_embeddings_at_init():
-    """README "Learning from scratch": at init every image gets nearly the same ITC embedding
+    """docs/NOTES.md "Learning from scratch": at init every image gets nearly the same ITC embedding
     (cosine close to 1 between different images); the tiny preset's batch norm spreads them."""
     def mean_cosine(batch_norm):
         torch.manual_seed(0)
-        model = PTUnifier(dataclasses.replace(PRESETS["tiny"], itc_batch_norm=batch_norm))
+        model = PTUnifier(dataclasses.replace(RECIPES["tiny"].model, itc_batch_norm=batch_norm))
         with torch.no_grad():
             emb = model.itc_image(model(pixel_values=torch.randn(32, 3, 64, 64)).joint)  # [32, E]
         cosine = emb @ emb.t()
         return cosine[~torch.eye(32, dtype=torch.bool)].mean().item()
 
-    assert PRESETS["tiny"].itc_batch_norm and not Config().itc_batch_norm
+    assert RECIPES["tiny"].model.itc_batch_norm and not Config().itc_batch_norm
     assert mean_cosine(False) > 0.9
     assert abs(mean_cosine(True)) < 0.1
 
 
 def test_clip_init_lets_the_class_token_read_the_images():
-    """README "Learning from scratch", cause 1: under a uniform std-0.02 init the ViT class token's
+    """docs/NOTES.md "Learning from scratch", cause 1: under a uniform std-0.02 init the ViT class token's
     output barely differs between images; CLIP's init makes it vary an order of magnitude more."""
     def class_token_spread(model):  # across-batch variance / second moment of the class token
         with torch.no_grad():
-            cls = model.encode_image(torch.randn(64, 3, 64, 64))[:, 0]
+            cls = model.encode_image(torch.randn(64, 3, 64, 64)).states[:, 0]
         return (cls.var(0).sum() / (cls ** 2).mean(0).sum()).item()
 
     torch.manual_seed(0)
-    clip_init = PTUnifier(PRESETS["tiny"])
+    clip_init = PTUnifier(RECIPES["tiny"].model)
     torch.manual_seed(0)
-    uniform = PTUnifier(PRESETS["tiny"])
-    model_module._init_weights(uniform.vision)
+    uniform = PTUnifier(RECIPES["tiny"].model)
+    model_module.bert_init(uniform.vision)
     uniform.vision.class_embedding.data.normal_(0, 0.02)
     assert class_token_spread(clip_init) > 10 * class_token_spread(uniform)
-    D, layers = 128, PRESETS["tiny"].vision_layers
+    D, layers = 128, RECIPES["tiny"].model.vision_layers
     assert clip_init.vision.blocks[0].attn.out.weight.std().item() == pytest.approx(D ** -0.5, rel=0.05)
     assert clip_init.vision.blocks[0].attn.qkv.weight.std().item() == pytest.approx(
         D ** -0.5 * (2 * layers) ** -0.5, rel=0.05)
 
 
 def test_param_groups_cover_every_parameter_once():
-    model = PTUnifier(dataclasses.replace(PRESETS["tiny"], learnable_temperature=True))
+    model = PTUnifier(dataclasses.replace(RECIPES["tiny"].model, learnable_temperature=True))
     groups = {g["name"]: g for g in model.param_groups(encoder_lr=1e-5, other_lr=5e-5)}
     ids = [id(p) for g in groups.values() for p in g["params"]]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
@@ -371,18 +375,18 @@ def test_param_groups_cover_every_parameter_once():
     assert group_of(model.fusion.text_layers[0].cross_attn.q.weight) == "other_decay"
     assert groups["other_no_decay"]["weight_decay"] == 0.0
     own = {g["name"]: g for g in model.param_groups(1e-5, 5e-5, temperature_lr=5e-3)}
-    assert own["temperature"]["params"] == [model.log_scale]
-    assert own["temperature"]["lr"] == 5e-3 and own["temperature"]["weight_decay"] == 0.0
+    assert own["temperature_no_decay"]["params"] == [model.log_scale]
+    assert own["temperature_no_decay"]["lr"] == 5e-3 and own["temperature_no_decay"]["weight_decay"] == 0.0
     assert not any(p is model.log_scale for p in own["other_no_decay"]["params"])
-    fixed = PTUnifier(dataclasses.replace(PRESETS["tiny"], learnable_temperature=False))
-    assert "temperature" not in {g["name"] for g in fixed.param_groups(temperature_lr=5e-3)}
+    fixed = PTUnifier(dataclasses.replace(RECIPES["tiny"].model, learnable_temperature=False))
+    assert not any(g["name"].startswith("temperature") for g in fixed.param_groups(temperature_lr=5e-3))
 
 
 # -- config --------------------------------------------------------------------------------------
 
 
 def test_presets_and_round_trip():
-    tiny, base = PRESETS["tiny"], PRESETS["base"]
+    tiny, base = RECIPES["tiny"].model, RECIPES["base"].model
     assert Config(**dataclasses.asdict(tiny)) == tiny
     assert (base.image_size, base.patch_size, base.vision_width, base.vision_layers) == (288, 16, 768, 12)
     assert (base.vocab_size, base.pad_token_id, base.max_positions, base.max_text_len) == (50265, 1, 514, 48)
@@ -393,25 +397,25 @@ def test_presets_and_round_trip():
 
 def test_config_validation_names_the_fields():
     with pytest.raises(ConfigError, match="vision_width == text_width.*dot product"):
-        dataclasses.replace(PRESETS["tiny"], text_width=64, tie_mlm_decoder=False)
+        dataclasses.replace(RECIPES["tiny"].model, text_width=64, tie_mlm_decoder=False)
     with pytest.raises(ConfigError, match="image_size=65"):
-        dataclasses.replace(PRESETS["tiny"], image_size=65)
+        dataclasses.replace(RECIPES["tiny"].model, image_size=65)
     with pytest.raises(ConfigError, match="max_positions=30"):
-        dataclasses.replace(PRESETS["tiny"], max_positions=30)
+        dataclasses.replace(RECIPES["tiny"].model, max_positions=30)
     with pytest.raises(ConfigError, match="unknown fields"):
-        Config.from_hf(depth=3)
+        config_from_hf(depth=3)
 
 
 def test_from_hf_reads_encoder_fields(folders):
     paths, _ = folders
-    cfg = Config.from_hf(vision=paths["clip"], text=paths["roberta_mlm"], prompt_mode="static",
+    cfg = config_from_hf(vision=paths["clip"], text=paths["roberta_mlm"], prompt_mode="static",
                          max_text_len=16)
     assert (cfg.vision_width, cfg.vision_layers, cfg.vision_heads, cfg.vision_mlp) == (64, 2, 4, 128)
     assert (cfg.patch_size, cfg.vision_act, cfg.image_size) == (8, "quick_gelu", 288)
     assert (cfg.text_width, cfg.text_layers, cfg.vocab_size, cfg.pad_token_id) == (64, 2, 120, 1)
     assert (cfg.position_style, cfg.max_positions, cfg.type_vocab_size) == ("roberta", 40, 1)
     assert cfg.tie_mlm_decoder is False  # text width 64 != hidden 768
-    bert = Config.from_hf(text=paths["bert"], prompt_mode="static", max_text_len=16,
+    bert = config_from_hf(text=paths["bert"], prompt_mode="static", max_text_len=16,
                           k_textual=4)
     assert (bert.position_style, bert.pad_token_id, bert.text_ln_eps) == ("bert", 0, 1e-12)
 
@@ -445,10 +449,10 @@ def test_loader_names_missing_unexpected_and_misshaped_keys(folders, tmp_path):
 
 def test_loader_rejects_a_config_mismatch(folders):
     paths, _ = folders
-    model = PTUnifier(Config.from_hf(text=paths["bert"], **_small(None, paths["bert"], dict(
+    model = PTUnifier(config_from_hf(text=paths["bert"], **_small(None, paths["bert"], dict(
         text_layers=3))))
     with pytest.raises(WeightLoadError, match=r"text_layers: Config has 3, config.json gives 2"):
-        model.load_hf_encoders(text=paths["bert"])
+        load_hf_encoders(model, text=paths["bert"])
 
 
 class _Boom:
@@ -500,7 +504,7 @@ def test_sharded_checkpoint_and_too_long_texts(folders, tmp_path):
     with torch.no_grad():
         expected = live["bert"](input_ids=ids, attention_mask=mask).last_hidden_state
         model = ours(text=sharded)
-        got = model.encode_text(ids, mask)
+        got = model.encode_text(ids, mask).states
     assert (got[mask.bool()] - expected[mask.bool()]).abs().max().item() <= TOL
     with pytest.raises(ValueError, match="texts of 33 tokens need 33 position rows"):
         model.encode_text(torch.zeros(1, 33, dtype=torch.long), torch.ones(1, 33))

@@ -1,4 +1,4 @@
-"""Tests for prepare.py: tiny fixture releases in each official layout (DATASETS.md) are
+"""Tests for prepare.py: tiny fixture releases in each official layout (docs/DATASETS.md) are
 converted and the manifests are read back with data.read_manifest and checked by hand."""
 import csv
 import gzip

@@ -6,7 +6,8 @@ import dataclasses
 import pytest
 import torch
 
-from model import PRESETS, PTUnifier
+from model import PTUnifier
+from recipes import RECIPES
 from prompts import PromptPool, StaticPrompts, build_prompts
 
 
@@ -58,7 +59,7 @@ def test_pool_init_and_argument_checks():
 
 def test_text_only_pass_trains_exactly_the_selected_visual_rows():
     torch.manual_seed(4)
-    model = PTUnifier(PRESETS["tiny"]).eval()
+    model = PTUnifier(RECIPES["tiny"].model).eval()
     ids = torch.randint(5, 4096, (3, 9))
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
@@ -72,7 +73,7 @@ def test_text_only_pass_trains_exactly_the_selected_visual_rows():
 
 def test_image_only_pass_trains_exactly_the_selected_textual_rows():
     torch.manual_seed(5)
-    model = PTUnifier(PRESETS["tiny"]).eval()
+    model = PTUnifier(RECIPES["tiny"].model).eval()
     out = model(pixel_values=torch.randn(2, 3, 64, 64))
     out.joint.sum().backward()
     grad = model.textual_prompts.weight.grad
@@ -82,7 +83,7 @@ def test_image_only_pass_trains_exactly_the_selected_textual_rows():
 
 def test_static_mode_in_the_model():
     torch.manual_seed(6)
-    cfg = dataclasses.replace(PRESETS["tiny"], prompt_mode="static", text_width=64, text_heads=4,
+    cfg = dataclasses.replace(RECIPES["tiny"].model, prompt_mode="static", text_width=64, text_heads=4,
                               tie_mlm_decoder=False)
     model = PTUnifier(cfg).eval()
     out = model(input_ids=torch.randint(5, 4096, (2, 6)))

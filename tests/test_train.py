@@ -17,7 +17,8 @@ import train
 from checkpoint import read_checkpoint
 from data import PretrainDataset, Tokenizer, make_train_stream
 from losses import LossWeights
-from model import PRESETS, PTUnifier
+from model import Config, PTUnifier
+from recipes import RECIPES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +32,7 @@ def synth_dir(tmp_path_factory):
 
 def tiny_model(tokenizer, **overrides):
     torch.manual_seed(0)
-    cfg = dataclasses.replace(PRESETS["tiny"], vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id,
+    cfg = dataclasses.replace(RECIPES["tiny"].model, vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id,
                               **overrides)
     return PTUnifier(cfg)
 
@@ -108,7 +109,7 @@ def test_the_step_fits_one_batch_with_all_three_objectives(synth_dir):
     model = tiny_model(tok)
     batch = first_batch(synth_dir, tok, model, n=16, text_unit="text")
     step = train.PretrainStep(model, LossWeights())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train.TRAIN_DEFAULTS["tiny"]["lr_other"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=RECIPES["tiny"].pretrain["lr_other"])
     for i in range(80):
         out = step(batch, itc_only=i < 40)
         optimizer.zero_grad()
@@ -222,7 +223,7 @@ def test_sigterm_saves_a_loadable_checkpoint(synth_dir, tmp_path):
     assert "stopped by SIGTERM" in stdout
     meta, tensors = read_checkpoint(out / "checkpoint.safetensors")
     assert 1 <= meta["state"]["step"] < 100000
-    model = PTUnifier(train.Config(**meta["model_config"]))
+    model = PTUnifier(Config(**meta["model_config"]))
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
 
 

@@ -1,4 +1,4 @@
-"""Tests for the zero-shot section of evaluate.py (ITC retrieval and zero-shot classification).
+"""Tests for zeroshot.py (ITC retrieval and zero-shot classification).
 
 Independent references: embeddings recomputed here one pair at a time by calling the model
 directly, a brute-force Recall@K loop, scikit-learn's roc_auc_score, and two hand-built ITC heads
@@ -15,9 +15,10 @@ from sklearn.metrics import roc_auc_score
 
 import synth
 from data import Tokenizer, UnreadableImage, image_to_tensor, load_image, read_manifest, write_manifest
-from evaluate import (default_label_sentences, embed_retrieval, zero_shot_class_scores,
+from zeroshot import (default_label_sentences, embed_retrieval, zero_shot_class_scores,
                       zero_shot_classification, zero_shot_retrieval)
-from model import PRESETS, PTUnifier
+from model import PTUnifier
+from recipes import RECIPES
 
 N_TEST = 48
 CPU = torch.device("cpu")
@@ -33,7 +34,7 @@ def bench(tmp_path_factory):
 
 def tiny_model(tokenizer, **overrides) -> PTUnifier:
     torch.manual_seed(0)
-    cfg = dataclasses.replace(PRESETS["tiny"], vocab_size=tokenizer.vocab_size,
+    cfg = dataclasses.replace(RECIPES["tiny"].model, vocab_size=tokenizer.vocab_size,
                               pad_token_id=tokenizer.pad_id, bos_token_id=tokenizer.bos_id,
                               eos_token_id=tokenizer.eos_id, **overrides)
     return PTUnifier(cfg).eval()

@@ -1,0 +1,238 @@
+"""What every training program shares: where it runs, its randomness, its signals, its optimiser step.
+
+- `setup_runtime`: detect torchrun from its environment variables (NCCL on CUDA, gloo on CPU),
+  pick the device and the autocast dtype; rank 0 (`print0`) prints and saves.
+- seeding: `seed_everything` once (the same initial weights on every rank), `seed_step` before
+  every step: the random state of a step (dropout) is a function of (seed, rank, step), so a
+  resumed run draws exactly what the uninterrupted run drew, with no RNG state to carry.
+- `StopSignal`: SIGTERM / SIGINT become a flag checked between steps (save, then exit 0).
+- collectives: `any_rank` (every rank takes the same decision), `mean_over_ranks`, `cleanup`.
+- the schedule (paper 5.3): linear warm-up, then linear decay to 0 (`lr_factor`, `set_lr`).
+- the guarded optimiser step: `snapshot_buffers` before the forward, then `finish_step`, which
+  applies the update or, when the loss was not finite on some rank, drops the gradients and puts
+  the buffers back, so that a skipped step leaves the model exactly as it was.
+- `dataclass_cli`: a flat command line generated from a run's config dataclass.
+Nothing here imports another module of the project.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import os
+import random
+import re
+import signal
+import typing
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+# The longest a rank waits in one collective or barrier: other ranks wait while rank 0 saves or
+# evaluates (fine-tuning's validation generation can take longer than NCCL's 10-minute default).
+COLLECTIVE_TIMEOUT = timedelta(hours=2)
+
+
+# ----------------------------------------------------------------------------- where it runs
+
+@dataclass
+class Runtime:
+    """Where this process runs: device, rank, world size, and the autocast / scaler choice."""
+    device: torch.device
+    rank: int
+    world: int
+    local_rank: int
+    amp_dtype: torch.dtype | None  # bf16 or fp16 autocast on CUDA, None (fp32) on CPU
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        """Mixed precision on CUDA (bf16 where supported), a no-op on the CPU."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+
+def setup_runtime(device: str = "auto") -> Runtime:
+    """Detect torchrun from its environment variables; NCCL on CUDA, gloo on CPU."""
+    want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if world > 1:
+        dist.init_process_group("nccl" if want_cuda else "gloo", timeout=COLLECTIVE_TIMEOUT)
+    if want_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+        amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        dev, amp = torch.device("cpu"), None
+    return Runtime(dev, rank, world, local_rank, amp)
+
+
+def print0(rt: Runtime, *args) -> None:
+    if rt.master:
+        print(*args, flush=True)
+
+
+def any_rank(flags: list[bool], rt: Runtime) -> list[bool]:
+    """OR of per-rank flags, so every rank takes the same decision (skip a step, stop the run)."""
+    t = torch.tensor([float(f) for f in flags], device=rt.device)
+    if rt.world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def mean_over_ranks(value: torch.Tensor, rt: Runtime) -> float:
+    """The mean of a scalar over all ranks, on the host (every rank gets the same float)."""
+    value = value.detach().float().clone()
+    if rt.world > 1:
+        dist.all_reduce(value)
+        value /= rt.world
+    return value.item()
+
+
+def barrier(rt: Runtime) -> None:
+    if rt.world > 1:
+        dist.barrier()
+
+
+def cleanup(rt: Runtime) -> None:
+    if rt.world > 1 and dist.is_initialized():
+        dist.barrier()  # no rank tears the group down while another still talks to it
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- randomness, signals
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def seed_step(seed: int, rank: int, step: int) -> None:
+    """The random state of a step (dropout) is a function of (seed, rank, step): ranks differ, and a
+    resumed run draws exactly what the uninterrupted run drew, with no RNG state to carry."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0]))
+
+
+class StopSignal:
+    """Turns SIGTERM/SIGINT into a flag checked between steps, so the run saves and exits cleanly."""
+
+    def __init__(self):
+        self.received = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        """Give SIGTERM/SIGINT back to their previous handlers (a run may live inside a notebook)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# ----------------------------------------------------------------------------- the optimiser step
+
+def lr_factor(step: int, total: int, warmup: float) -> float:
+    """Linear warm-up over the first `warmup` fraction of steps, then linear decay to 0 (paper 5.3)."""
+    warm = max(1, int(round(warmup * total)))
+    if step < warm:
+        return (step + 1) / warm
+    return max(0.0, (total - step) / max(1, total - warm))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Every group's learning rate = its base_lr x `factor` (the schedule's value at this step)."""
+    for g in optimizer.param_groups:
+        g["lr"] = g["base_lr"] * factor
+
+
+def adamw(groups: list[dict], device: torch.device) -> torch.optim.AdamW:
+    """AdamW as the paper sets it (betas 0.9 / 0.98, eps 1e-8) over parameter groups; each group
+    keeps its rate as `base_lr`, which the schedule scales."""
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    return torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-8, fused=device.type == "cuda")
+
+
+def snapshot_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """Copies of the model's buffers (running estimates that a training forward updates in place),
+    taken before a step so that a skipped step can put them back."""
+    return [b.detach().clone() for b in model.buffers()]
+
+
+def finish_step(model: nn.Module, optimizer, scaler, clip_grad: float, buffers: list[torch.Tensor],
+                finite: bool) -> None:
+    """The end of a guarded step. finite: unscale, clip the global gradient norm (clip_grad > 0),
+    step AdamW through the fp16 scaler. Not finite (a NaN/inf loss on some rank; every rank
+    decides the same through `any_rank`): drop the gradients and restore `buffers`, so the model
+    is exactly as before the step. Gradients are zeroed either way."""
+    if finite:
+        scaler.unscale_(optimizer)
+        if clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        with torch.no_grad():
+            for buffer, saved in zip(model.buffers(), buffers, strict=True):
+                buffer.copy_(saved)
+    optimizer.zero_grad(set_to_none=True)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def field_comments(cls) -> dict[str, str]:
+    """The comment after each field of a dataclass's source (and comment-only lines below it)."""
+    comments, last = {}, None
+    for line in inspect.getsource(cls).splitlines():
+        field = re.match(r"\s+(\w+): [^#]*?(?:#\s*(.*))?$", line)
+        if field and "=" in line:
+            last = field.group(1)
+            comments[last] = field.group(2) or ""
+        elif last and re.match(r"\s+#", line):
+            comments[last] = (comments[last] + " " + line.strip().lstrip("#").strip()).strip()
+        else:
+            last = None
+    return comments
+
+
+def dataclass_cli(cls, argv, description: str, helps: dict, required=()):
+    """A flat CLI generated from a run's config dataclass: every field is a flag whose help is
+    `helps[field]` or else the field's comment in the source; unknown flags are an error. Returns
+    `cls(...).resolved()`.
+
+    A field left at None means "not set": `resolved()` takes it from the recipe. The command line is
+    read twice: once to learn the flags that choose the recipe (--preset, --task, --init), then
+    with the resolved values as the defaults, so that --help prints the values the run would use.
+    """
+    hints = typing.get_type_hints(cls)
+    helps = {**field_comments(cls), **helps}
+
+    def parser(defaults: dict, full: bool) -> argparse.ArgumentParser:
+        p = argparse.ArgumentParser(description=description, add_help=full,
+                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
+            text = helps.get(f.name) or "-"
+            if kind is bool:
+                p.add_argument(flag, action="store_true", help=text)
+            else:
+                p.add_argument(flag, type=kind, default=defaults[f.name], help=text,
+                               required=full and f.name in required)
+        return p
+
+    first, _ = parser(dataclasses.asdict(cls()), full=False).parse_known_args(argv)
+    try:
+        defaults = dataclasses.asdict(cls(**vars(first)).resolved())
+    except (SystemExit, ValueError, KeyError):  # e.g. no --task yet: show the unresolved defaults
+        defaults = vars(first)
+    return cls(**vars(parser(defaults, full=True).parse_args(argv))).resolved()
