@@ -18,14 +18,14 @@ clipping, AdamW (train.make_optimizer). Inputs are a synthetic batch of full-len
 padding) with exactly round(0.15 * B * L) masked positions, so the analytic count is exact.
 
 FLOP convention (`step_flops`): a multiply-add is 2 FLOPs. Counted: every matmul (Linear and the
-patch convolution, 2 x weight entries per token, i.e. 6 x parameters x tokens for a training
-pass) and attention (QK^T and AV: 4 x Lq x Lk x D per sample and layer). Not counted: embedding
+patch convolution or conv stem, 2 x weight entries per output position, i.e. 6 x parameters x
+tokens for a training pass) and attention (QK^T and AV: 4 x Lq x Lk x D per sample and layer). Not counted: embedding
 lookups (word, position, token type, ViT positions, modality type, prompt-pool rows), biases,
 LayerNorm, activations, softmax, losses (elementwise, < 1% at base). Training = 3 x forward
 (backward = input gradient + weight gradient, each as costly as the forward), except prompt
 scoring, which runs on detached tensors and is counted once. 3 x is a slight upper bound of what
-autograd runs: the patch convolution needs no input gradient, and in the MLM pass the last
-image-stream fusion layer and the poolers feed no loss, so their backward never runs
+autograd runs: the first convolution needs no input gradient, and in the naive step's MLM pass
+the last image-stream fusion layer and the poolers feed no loss, so their backward never runs
 (tests/test_flops.py checks both against FlopCounterMode).
 MFU = step_flops(...)["total"] / (median step seconds x peak FLOP/s of the device).
 
@@ -39,6 +39,7 @@ minute on 2 CPU cores with the defaults.
 import argparse
 import dataclasses
 import json
+import math
 import platform
 import resource
 import statistics
@@ -71,11 +72,24 @@ def block_flops(batch: int, seq: int, width: int, mlp: int) -> int:
     return 2 * batch * seq * (4 * width * width + 2 * width * mlp) + 4 * batch * seq * seq * width
 
 
+def stem_flops(cfg: Config, batch: int) -> int:
+    """Pixels -> patch tokens: one patch_size convolution, or the conv stem's stride-2 3x3 layers
+    (16, 32, ... channels, at most the width) and its 1x1 convolution (model.conv_stem)."""
+    grid, width = cfg.image_size // cfg.patch_size, cfg.vision_width
+    if cfg.vision_stem == "patch":
+        return 2 * batch * grid * grid * 3 * cfg.patch_size ** 2 * width
+    flops, channels, side = 0, 3, cfg.image_size
+    for i in range(int(math.log2(cfg.patch_size))):
+        out, side = min(width, 16 * 2 ** i), side // 2
+        flops += 2 * batch * side * side * 9 * channels * out
+        channels = out
+    return flops + 2 * batch * grid * grid * channels * width
+
+
 def vision_flops(cfg: Config, batch: int, seq: int, patch_conv: bool) -> int:
-    """ViT forward on [batch, seq] tokens; the patch convolution runs only on real images."""
-    n_patches = (cfg.image_size // cfg.patch_size) ** 2
-    conv = 2 * batch * n_patches * 3 * cfg.patch_size ** 2 * cfg.vision_width if patch_conv else 0
-    return conv + cfg.vision_layers * block_flops(batch, seq, cfg.vision_width, cfg.vision_mlp)
+    """ViT forward on [batch, seq] tokens; the stem runs only on real images."""
+    stem = stem_flops(cfg, batch) if patch_conv else 0
+    return stem + cfg.vision_layers * block_flops(batch, seq, cfg.vision_width, cfg.vision_mlp)
 
 
 def text_flops(cfg: Config, batch: int, seq: int) -> int:
@@ -83,21 +97,34 @@ def text_flops(cfg: Config, batch: int, seq: int) -> int:
     return cfg.text_layers * block_flops(batch, seq, cfg.text_width, cfg.text_mlp)
 
 
-def fusion_flops(cfg: Config, batch: int, lt: int, li: int) -> int:
-    """Fusion forward: input projections, co-attention layers of both streams, two poolers.
+def stream_flops(cfg: Config, batch: int, own: int, other: int) -> int:
+    """One co-attention layer of one stream with own length Lx and other length Lo: self-attention
+    q/k/v/out (4 H^2) + cross-attention q/out (2 H^2) + FFN (2 H M) per own token, cross-attention
+    k/v (2 H^2) per other token; attention 4 (Lx^2 + Lx Lo) H per sample."""
+    H, M = cfg.hidden_size, cfg.fusion_mlp
+    return (2 * batch * (own * (6 * H * H + 2 * H * M) + other * 2 * H * H)
+            + 4 * batch * (own * own + own * other) * H)
 
-    Per layer and stream with own length Lx and other length Lo: self-attention q/k/v/out (4 H^2)
-    + cross-attention q/out (2 H^2) + FFN (2 H M) per own token, cross-attention k/v (2 H^2) per
-    other token; attention 4 (Lx^2 + Lx Lo) H per sample.
-    """
+
+def fusion_flops(cfg: Config, batch: int, lt: int, li: int) -> int:
+    """Fusion forward: input projections, co-attention layers of both streams, two poolers."""
+    H = cfg.hidden_size
+    proj = 2 * batch * (lt * cfg.text_width + li * cfg.vision_width) * H
+    layer = stream_flops(cfg, batch, lt, li) + stream_flops(cfg, batch, li, lt)
+    return proj + cfg.fusion_layers * layer + 2 * 2 * batch * H * H
+
+
+def mlm_fusion_flops(cfg: Config, batch: int, lt: int, li: int, rows: int) -> int:
+    """The MLM pass's fusion (model.Fusion.text_rows): every layer but the last in full; the last
+    runs the text stream's self-attention on all Lt tokens and its cross-attention queries and FFN
+    on the `rows` masked positions only; no last image-stream layer, no poolers."""
     H, M = cfg.hidden_size, cfg.fusion_mlp
     proj = 2 * batch * (lt * cfg.text_width + li * cfg.vision_width) * H
-    layer = 0
-    for own, other in ((lt, li), (li, lt)):
-        layer += 2 * batch * (own * (6 * H * H + 2 * H * M) + other * 2 * H * H)
-        layer += 4 * batch * (own * own + own * other) * H
-    poolers = 2 * 2 * batch * H * H
-    return proj + cfg.fusion_layers * layer + poolers
+    before = (cfg.fusion_layers - 1) * (stream_flops(cfg, batch, lt, li) + stream_flops(cfg, batch, li, lt))
+    last = (2 * batch * lt * 4 * H * H + 4 * batch * lt * lt * H  # self-attention, every token
+            + 2 * batch * li * 2 * H * H                          # cross-attention k/v, once per image
+            + 2 * rows * (2 * H * H + 2 * H * M) + 4 * rows * li * H)  # queries, out, FFN of the rows
+    return proj + before + last
 
 
 def prompt_scoring_flops(cfg: Config, batch: int, width: int) -> int:
@@ -116,7 +143,8 @@ def step_flops(cfg: Config, batch: int, text_len: int, reuse=True,
     textual prompts (k_t + 2 tokens), 4. text + visual prompts (1 + k_v tokens). The ViT runs on
     the true images once with reuse (3 times without) plus once on the visual prompts; the text
     encoder on the true texts twice with reuse where it has no dropout (3 times otherwise: MLM's
-    masked texts, ITM's and the text-only pass's) plus once on the textual prompts.
+    masked texts, ITM's and the text-only pass's) plus once on the textual prompts. With reuse the
+    MLM pass fuses only the rows its head reads (mlm_fusion_flops); the naive step fuses all.
     """
     B, L = batch, text_len
     li = 1 + (cfg.image_size // cfg.patch_size) ** 2  # CLS + patches
@@ -128,8 +156,8 @@ def step_flops(cfg: Config, batch: int, text_len: int, reuse=True,
     fwd = {
         "vision": image_passes * vision_flops(cfg, B, li, True) + vision_flops(cfg, B, lp_v, False),
         "text": text_passes * text_flops(cfg, B, L) + text_flops(cfg, B, lp_t),
-        "fusion": (2 * fusion_flops(cfg, B, L, li) + fusion_flops(cfg, B, lp_t, li)
-                   + fusion_flops(cfg, B, L, lp_v)),
+        "fusion": ((mlm_fusion_flops(cfg, B, L, li, masked) if reuse else fusion_flops(cfg, B, L, li))
+                   + fusion_flops(cfg, B, L, li) + fusion_flops(cfg, B, lp_t, li) + fusion_flops(cfg, B, L, lp_v)),
         "prompt_scoring": (prompt_scoring_flops(cfg, B, cfg.vision_width)
                            + prompt_scoring_flops(cfg, B, cfg.text_width)),
         "mlm_head": 2 * masked * (H * H + H * cfg.vocab_size),

@@ -5,10 +5,14 @@ every task of a benchmark, reported as one table (paper section 5.2, Table 2).
 
 Writes table.md, table.json and examples.png (retrieval and VQA examples) under --out, beside one
 fine-tuning run folder per task. Rows: a trivial baseline per task (input-blind answers scored
-with the same metric code), PTUnifier zero-shot (retrieval and classification by ITC similarity,
-zeroshot.py) and PTUnifier fine-tuned (finetune.py with the checkpoint's recipe).
+with the same metric code), logistic regression on the raw pixels for image classification (the
+bar a learned image encoder has to clear), PTUnifier zero-shot (retrieval and classification by
+ITC similarity, zeroshot.py) and PTUnifier fine-tuned (finetune.py with the checkpoint's recipe).
+A task folder that already holds a finished run of the same configuration is kept, so an
+interrupted benchmark, or one whose recipe changed for some tasks, re-runs only what differs.
 """
 import argparse
+import dataclasses
 import json
 import textwrap
 from collections import Counter
@@ -16,13 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import finetune
 import synth
 from checkpoint import load_pretrained
-from data import Tokenizer, load_image, read_manifest, resolve_image
-from metrics import clinical_efficacy, nlg_metrics, vqa_accuracy
+from data import TaskDataset, Tokenizer, load_image, read_manifest, resolve_image
+from metrics import auroc, clinical_efficacy, nlg_metrics, vqa_accuracy
 from zeroshot import embed_retrieval, zero_shot_classification, zero_shot_retrieval
 
 
@@ -78,6 +83,58 @@ def trivial_baselines(root) -> dict[str, dict]:
     return out
 
 
+def pixel_features(folder, split: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grey values [N, S * S], labels [N, C]) of an `ic` task split: the model's evaluation
+    input (resize, centre crop, CLIP normalisation) averaged over the colour channels (radiographs
+    are grey: the three channels carry one image)."""
+    dataset = TaskDataset(folder, split, None, image_size, 0, train=False)
+    batch = dataset.collate([dataset[i] for i in range(len(dataset))])
+    return batch.pixel_values.mean(dim=1).flatten(1), batch.labels
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, penalty: float) -> torch.nn.Linear:
+    """One logistic regression per column of y [N, C] on features x [N, F]: a linear layer fitted by
+    L-BFGS (at most 100 iterations) to the mean BCE over the N x C cells + penalty x |W|^2 (the
+    bias is not penalised)."""
+    linear = torch.nn.Linear(x.shape[1], y.shape[1])
+    torch.nn.init.zeros_(linear.weight)
+    torch.nn.init.zeros_(linear.bias)
+    optimizer = torch.optim.LBFGS(linear.parameters(), max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(linear(x), y) + penalty * linear.weight.square().sum()
+        loss.backward()
+        return loss
+    optimizer.step(closure)
+    return linear
+
+
+def class_aurocs(scores: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, float]:
+    """AUROC of each class whose labels take both values (the others have none)."""
+    return {c: auroc(scores[:, i], labels[:, i]) for i, c in enumerate(classes) if len(np.unique(labels[:, i])) == 2}
+
+
+def pixel_logistic_regression(root, image_size: int, penalties=(1e-4, 1e-3, 1e-2, 1e-1)) -> dict:
+    """Image classification from raw pixels (`fit_logistic` on the standardised image_size-px grey
+    values of the train split); the penalty with the best validation macro AUROC is tested once.
+    Returns {"macro_auroc", "per_class", "penalty"} on the test split (classes with one label
+    value in a split have no AUROC there and are left out)."""
+    folder = Path(root) / "ic"
+    classes = read_manifest(folder, "test")[1]["classes"]
+    (x, y), (xv, yv), (xt, yt) = (pixel_features(folder, s, image_size) for s in ("train", "val", "test"))
+    mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
+    x, xv, xt = ((v - mean) / std for v in (x, xv, xt))
+
+    def scores(linear, features, labels) -> dict[str, float]:
+        with torch.no_grad():
+            return class_aurocs(linear(features).numpy(), labels.numpy(), classes)
+    fitted = {p: fit_logistic(x, y, p) for p in penalties}
+    best = max(penalties, key=lambda p: np.mean(list(scores(fitted[p], xv, yv).values())))
+    per_class = scores(fitted[best], xt, yt)
+    return {"macro_auroc": float(np.mean(list(per_class.values()))), "per_class": per_class, "penalty": best}
+
+
 def table_markdown(rows: dict[str, dict[str, dict]]) -> str:
     """Rows {name: {task: test metrics}} as a Markdown table with Table 2's column groups
     (uni-modal, cross-modal, multi-modal) named in each column title."""
@@ -126,6 +183,20 @@ def example_sheet(model, tokenizer, root, vqa_checkpoint, device, path, n: int =
     sheet.save(path)
 
 
+def finished_run(cfg: finetune.FinetuneConfig) -> dict | None:
+    """The results.json in cfg.out of an earlier fine-tune with exactly this configuration (an
+    interrupted or partly changed benchmark re-runs only what differs), else None."""
+    path = Path(cfg.out) / "results.json"
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    wanted = json.loads(json.dumps(dataclasses.asdict(cfg.resolved())))
+    if result.get("config") != wanted:
+        return None
+    print(f"{cfg.task}: kept the finished run in {cfg.out} (same configuration)", flush=True)
+    return result
+
+
 def run_benchmark(checkpoint, root, out, device="auto") -> dict:
     """Zero-shot evaluation of `checkpoint`, then fine-tune and test it on every task of the
     benchmark in `root`; writes table.md, table.json and examples.png under `out`."""
@@ -143,10 +214,11 @@ def run_benchmark(checkpoint, root, out, device="auto") -> dict:
     for task in ("ic", "tc", "ts", "retrieval", "itg", "vqa"):
         cfg = finetune.FinetuneConfig(task=task, data=str(root / task), init=str(checkpoint),
                                       out=str(out / task), device=device.type)
-        results[task] = finetune.finetune(cfg)
+        results[task] = finished_run(cfg) or finetune.finetune(cfg)
     generated = [json.loads(line) for line in (out / "itg" / "test_generations.jsonl").open()]
     results["itg"]["test"].update(report_efficacy(root, {g["id"]: g["generated"] for g in generated}))
     rows = {"trivial baseline": trivial_baselines(root),
+            "pixel logistic regression": {"ic": pixel_logistic_regression(root, model.config.image_size)},
             "PTUnifier zero-shot": {"ic": {"macro_auroc": zs_ic["macro_auroc"]},
                                     "retrieval": {k: zs_ret[k] for k in ("i2t_r1", "t2i_r1")}},
             "PTUnifier fine-tuned": {task: r["test"] for task, r in results.items()}}

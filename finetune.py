@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from checkpoint import (FORMAT, CheckpointError, atomic_save, dedupe_shared, load_model_state, load_pretrained,
                         read_checkpoint, read_metadata)
-from data import SkipTracker, TaskDataset, Tokenizer, locate_tokenizer, make_loader, read_meta
+from data import SkipTracker, TaskDataset, Tokenizer, locate_tokenizer, make_loader, read_meta, stratified_subset
 from generation import TextDecoder, generate, generation_memory
 from losses import itc_loss
 from metrics import accuracy, auroc, nlg_metrics, recall_at_k, vqa_accuracy
@@ -98,12 +98,13 @@ class Task:
     loss: Callable       # (head outputs, Batch) -> scalar
     select: str          # key of the val metrics that picks the best epoch (higher is better)
     outputs: str = ""    # meta.json key whose length is the classifier's output size
+    stratum: str = ""    # record field whose value stratifies a --train-fraction subset ("": none)
 
 
 TASKS = {
-    "ic": Task("ic", "image", "classifier", classification_loss, "macro_auroc", "classes"),
-    "tc": Task("tc", "text", "classifier", softmax_loss, "accuracy", "classes"),
-    "vqa": Task("vqa", "pair", "classifier", vqa_loss, "overall", "answers"),
+    "ic": Task("ic", "image", "classifier", classification_loss, "macro_auroc", "classes", "labels"),
+    "tc": Task("tc", "text", "classifier", softmax_loss, "accuracy", "classes", "label"),
+    "vqa": Task("vqa", "pair", "classifier", vqa_loss, "overall", "answers", "answer"),
     "ts": Task("ts", "text", "decoder", caption_loss, "rouge_l"),
     "itg": Task("itg", "image", "decoder", caption_loss, "bleu_4"),
     "retrieval": Task("retrieval", "dual", "itc", contrastive_loss, "mean_recall"),
@@ -135,6 +136,11 @@ class FinetuneConfig:
     warmup: float = 0.1             # fraction of the steps with linear warm-up
     clip_grad: float = 1.0          # max global gradient norm (0: off)
     max_steps_per_epoch: int | None = None  # cap on optimisation steps per epoch (None: the whole split)
+    missing: str = "prompts"        # what fills the missing modality of ic / tc / ts / itg: "prompts"
+                                    # (Eq. 3-4) or "blank" (an empty text, a constant image)
+    train_fraction: float = 1.0     # train on a seeded, class-stratified fraction of the train split
+                                    # (paper Table 3: 0.01, 0.1); stratified by the label (ic: the
+                                    # label vector, tc: the class, vqa: the answer)
     itm_rerank: int = 0             # retrieval: re-rank the top K ITC candidates with the ITM head
     beams: int = 1                  # generation: beam width (1: greedy)
     max_gen_len: int | None = None  # generation: most tokens generated (None: Config.max_text_len)
@@ -150,6 +156,8 @@ class FinetuneConfig:
         checkpoint was pre-trained with (its metadata), else --preset."""
         if self.task not in TASKS:
             raise SystemExit(f"--task {self.task!r}: expected one of {sorted(TASKS)}")
+        if self.missing not in ("prompts", "blank"):
+            raise SystemExit(f"--missing {self.missing!r}: expected 'prompts' or 'blank'")
         preset = self.preset
         trained = read_metadata(self.init).get("train_config") if self.init else None
         if trained:
@@ -165,9 +173,9 @@ class FinetuneModel(nn.Module):
     """The PTUnifier backbone plus the task's new modules; forward(batch) -> loss, so that DDP wraps
     a single forward."""
 
-    def __init__(self, backbone: PTUnifier, task: Task, n_outputs: int = 0):
+    def __init__(self, backbone: PTUnifier, task: Task, n_outputs: int = 0, blank: bool = False):
         super().__init__()
-        self.backbone, self.task = backbone, task
+        self.backbone, self.task, self.blank = backbone, task, blank
         self.head = ClassifierHead(2 * backbone.config.hidden_size, n_outputs) \
             if task.head == "classifier" else None
         self.decoder = TextDecoder.from_encoder(backbone) if task.head == "decoder" else None
@@ -187,6 +195,20 @@ class FinetuneModel(nn.Module):
         b = self.backbone
         return {id(p) for m in (b.itc_image, b.itc_text, b.itm_head) for p in m.parameters()}
 
+    def fusion_inputs(self, batch) -> dict:
+        """The fusion pass's inputs: the task's modalities, the missing one prompted; with `blank`
+        the missing one is a blank input instead: the empty text [<s>, </s>], or a constant image
+        (zeros after the CLIP normalisation: the mean colour)."""
+        inputs = INPUTS[self.task.inputs](batch)
+        if self.blank and "input_ids" not in inputs:
+            cfg = self.backbone.config
+            ends = torch.tensor([[cfg.bos_token_id, cfg.eos_token_id]], device=batch.pixel_values.device)
+            inputs["input_ids"] = ends.expand(len(batch), 2)  # [B, 2]
+        if self.blank and "pixel_values" not in inputs:
+            size = self.backbone.config.image_size
+            inputs["pixel_values"] = batch.input_ids.new_zeros(len(batch), 3, size, size, dtype=torch.float)
+        return inputs
+
     def outputs(self, batch):
         """The head's outputs: classifier logits [B, n]; decoder logits [B, T-1, V] under teacher
         forcing; retrieval (image emb [B, E], text emb [B, E], logit scale)."""
@@ -195,7 +217,7 @@ class FinetuneModel(nn.Module):
             image_only = b(pixel_values=batch.pixel_values)
             text_only = b(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
             return b.itc_image(image_only.joint), b.itc_text(text_only.joint), b.logit_scale()
-        fused = b(**INPUTS[self.task.inputs](batch))
+        fused = b(**self.fusion_inputs(batch))
         if self.head is not None:
             return self.head(fused.joint)
         memory, memory_mask = generation_memory(fused)
@@ -276,7 +298,7 @@ def load_finetuned(path, folder, tokenizer: Tokenizer, device) -> FinetuneModel:
         raise CheckpointError(f"{path} is not a fine-tuned checkpoint (no task head inside)")
     task = TASKS[meta["finetune"]["task"]]
     names = output_names(task, read_meta(folder))
-    model = FinetuneModel(backbone, task, len(names))
+    model = FinetuneModel(backbone, task, len(names), meta["finetune"]["config"].get("missing") == "blank")
     load_task_modules(model, path, meta, tensors, names)
     return model.to(device).eval()
 
@@ -367,7 +389,7 @@ def score_generation(model, ctx, split, final: bool) -> dict:
     hyps, refs = {}, {}
     for batch in eval_batches(model, ctx, split):
         with ctx.rt.autocast():
-            memory, mask = generation_memory(model.backbone(**INPUTS[model.task.inputs](batch)))
+            memory, mask = generation_memory(model.backbone(**model.fusion_inputs(batch)))
             out = generate(model.decoder, memory, mask, tok.bos_id, tok.eos_id,
                            max_len=cfg.max_gen_len or model.backbone.config.max_text_len,
                            beams=cfg.beams, length_penalty=cfg.length_penalty,
@@ -480,12 +502,17 @@ def start_finetune(cfg: FinetuneConfig, rt: Runtime) -> FinetuneRun:
     tokenizer = Tokenizer.load(locate_tokenizer(cfg.data, cfg.tokenizer))
     backbone, init_meta, init_tensors = load_backbone(cfg, tokenizer)
     names = output_names(task, meta)
-    model = FinetuneModel(backbone, task, len(names)).to(rt.device)
+    model = FinetuneModel(backbone, task, len(names), blank=cfg.missing == "blank").to(rt.device)
     if init_meta is not None and load_task_modules(model, cfg.init, init_meta, init_tensors, names):
         print0(rt, f"task modules loaded from {cfg.init}")
     del init_tensors
     mcfg = backbone.config
     train_set = TaskDataset(cfg.data, "train", tokenizer, mcfg.image_size, mcfg.max_text_len, train=True)
+    if cfg.train_fraction < 1:
+        strata = [repr(r[task.stratum]) if task.stratum else "" for r in train_set.records]
+        train_set.keep(stratified_subset(strata, cfg.train_fraction, cfg.seed))
+    if len(train_set) < cfg.batch_size:  # a small --train-fraction: the whole subset is one batch
+        cfg = dataclasses.replace(cfg, batch_size=max(rt.world, len(train_set) // rt.world * rt.world))
     loader = make_loader(train_set, cfg.batch_size // rt.world, train=True, seed=cfg.seed,
                          num_workers=cfg.workers)
     steps_per_epoch = min(len(loader), cfg.max_steps_per_epoch or len(loader))
@@ -557,6 +584,7 @@ def test_best(run: FinetuneRun, best: tuple[int, float], history: list[dict], st
     counts = {s: run.meta.get("counts", {}).get(s) for s in ("train", "val", "test")}
     result = dict(task=task.name, data=cfg.data, init=cfg.init, select=task.select,
                   best_epoch=best[0], best_val=best[1], history=history, test=test, n=counts,
+                  train_examples=len(run.loader.dataset),
                   skipped_steps=run.skipped_steps, checkpoint=str(out / "best.safetensors"),
                   seconds=time.perf_counter() - started, config=dataclasses.asdict(cfg),
                   model_config=dataclasses.asdict(run.model.backbone.config))
@@ -571,7 +599,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     cfg = cfg.resolved()
     rt = setup_runtime(cfg.device)
     run = start_finetune(cfg, rt)
-    select = run.task.select
+    cfg, select = run.cfg, run.task.select
     history, best, started = [], None, time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         losses = train_epoch(run, epoch)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from losses import gather_with_grad
-from prompts import PromptPool, StaticPrompts, build_prompts
+from prompts import PROMPT_MODES, PromptPool, StaticPrompts, build_prompts
 
 
 class ConfigError(ValueError):
@@ -56,6 +56,8 @@ class Config:
     vision_mlp: int = 3072  # ViT MLP hidden width
     vision_act: str = "quick_gelu"  # "quick_gelu" (OpenAI CLIP) or "gelu"
     vision_ln_eps: float = 1e-5
+    vision_stem: str = "patch"  # "patch": one patch_size conv (CLIP); "conv": log2(patch_size)
+    #   stride-2 3x3 conv + BatchNorm + ReLU layers and a 1x1 conv (Xiao et al. 2021; from scratch)
     # Text encoder: BERT/RoBERTa (post-LN blocks, exact-erf GELU).
     vocab_size: int = 50265  # V; train.py overrides it from the tokenizer
     pad_token_id: int = 1  # padding id; RoBERTa positions also use it as padding_idx
@@ -78,8 +80,9 @@ class Config:
     fusion_mlp: int = 3072
     fusion_ln_eps: float = 1e-12  # BERT's value, as in METER's cross layers
     fusion_dropout: float = 0.1
+    pooling: str = "cls"  # what each stream's pooler reads: "cls" token 0 (METER), "mean" all tokens
     # Prompts (section 3.2): pools of pool_size vectors, top-k selection.
-    prompt_mode: str = "pool"  # "pool" (Eq. 3-4) or "static" (k fixed learnable prompts)
+    prompt_mode: str = "pool"  # "pool" (Eq. 3-4), "static" (k fixed learnable prompts) or "none"
     pool_size: int = 1024  # entries per modality pool (paper Table 4: 1024 best)
     k_visual: int = 49  # visual prompts standing in for a missing image
     k_textual: int = 32  # textual prompts standing in for a missing text
@@ -98,6 +101,9 @@ class Config:
     def problems(self) -> list[str]:
         """Every inconsistency between fields, as readable sentences (empty when valid)."""
         out = []
+        if self.vision_stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            out.append(f"vision_stem='conv' needs patch_size a power of two >= 2 (one stride-2 "
+                       f"layer per halving), got {self.patch_size}")
         if self.image_size % self.patch_size:
             out.append(f"image_size={self.image_size} is not a multiple of "
                        f"patch_size={self.patch_size}")
@@ -108,7 +114,9 @@ class Config:
                            f"{heads}={getattr(self, heads)}")
         for name, allowed in (("vision_act", ("quick_gelu", "gelu")),
                               ("position_style", ("roberta", "bert")),
-                              ("prompt_mode", ("pool", "static"))):
+                              ("prompt_mode", PROMPT_MODES),
+                              ("vision_stem", ("patch", "conv")),
+                              ("pooling", ("cls", "mean"))):
             if getattr(self, name) not in allowed:
                 out.append(f"{name}={getattr(self, name)!r} must be one of {allowed}")
         if self.prompt_mode == "pool":
@@ -120,8 +128,8 @@ class Config:
             if max(self.k_visual, self.k_textual) > self.pool_size:
                 out.append(f"k_visual={self.k_visual} and k_textual={self.k_textual} must not "
                            f"exceed pool_size={self.pool_size}")
-        if min(self.k_visual, self.k_textual) <= 0:
-            out.append("k_visual and k_textual must be positive")
+        if self.prompt_mode != "none" and min(self.k_visual, self.k_textual) <= 0:
+            out.append("k_visual and k_textual must be positive (prompt_mode='none' uses none)")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             if not 0 <= getattr(self, name) < self.vocab_size:
                 out.append(f"{name}={getattr(self, name)} is outside vocab_size={self.vocab_size}")
@@ -201,9 +209,16 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(width, 2 * width)
         self.out = nn.Linear(width, width)
 
-    def forward(self, x, other, other_mask=None) -> torch.Tensor:
-        """x [B, Lq, D], other [B, Lk, D], other_mask bool [B, 1, 1, Lk] or None -> [B, Lq, D]."""
+    def forward(self, x, other, other_mask=None, example=None) -> torch.Tensor:
+        """x [B, Lq, D], other [B, Lk, D], other_mask bool [B, 1, 1, Lk] or None -> [B, Lq, D].
+
+        example (long [M]): x is [M, 1, D], M single rows, and row m attends to other[example[m]]
+        (keys and values are projected once per example, then gathered) -> [M, 1, D].
+        """
         k, v = self.kv(other).chunk(2, dim=-1)  # 2 x [B, Lk, D]
+        if example is not None:
+            k, v = k.index_select(0, example), v.index_select(0, example)  # 2 x [M, Lk, D]
+            other_mask = None if other_mask is None else other_mask.index_select(0, example)
         p = self.dropout if self.training else 0.0
         return self.out(attend(self.q(x), k, v, self.heads, other_mask, p))
 
@@ -275,11 +290,21 @@ class CrossLayer(nn.Module):
         self.ln3 = nn.LayerNorm(H, eps=eps)
         self.drop = nn.Dropout(p)
 
-    def forward(self, x, x_mask, other, other_mask):
-        """x [B, Lx, H], other [B, Lo, H]; masks bool [B, 1, 1, L] or None -> [B, Lx, H]."""
+    def forward(self, x, x_mask, other, other_mask, rows=None):
+        """x [B, Lx, H], other [B, Lo, H]; masks bool [B, 1, 1, L] or None -> [B, Lx, H].
+
+        rows (bool [B, Lx]): only these positions are wanted -> [M, H], M = rows.sum(). The
+        self-attention still reads every position; the cross-attention queries and the FFN run on
+        the M rows alone (each attending to its own example's other stream).
+        """
         x = self.ln1(x + self.drop(self.self_attn(x, x_mask)))
-        x = self.ln2(x + self.drop(self.cross_attn(x, other, other_mask)))
-        return self.ln3(x + self.drop(self.fc2(F.gelu(self.fc1(x)))))
+        example = None
+        if rows is not None:
+            example = rows.nonzero()[:, 0]  # [M] the example of each wanted row
+            x = x[rows][:, None]  # [M, 1, H]
+        x = self.ln2(x + self.drop(self.cross_attn(x, other, other_mask, example)))
+        x = self.ln3(x + self.drop(self.fc2(F.gelu(self.fc1(x)))))
+        return x if rows is None else x[:, 0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,15 +331,31 @@ def resize_pos_embed(pos: torch.Tensor, new_grid: int) -> torch.Tensor:
     return torch.cat([cls_pos, grid.to(pos.dtype)], dim=0)  # [1 + M, D]
 
 
+def conv_stem(width: int, patch_size: int) -> nn.Sequential:
+    """Early convolutions (Xiao et al. 2021, "Early Convolutions Help Transformers See Better"):
+    log2(patch_size) stride-2 3x3 conv + BatchNorm + ReLU layers (16, 32, 64, ... channels, at
+    most `width`), then a 1x1 conv to `width`: pixels [B, 3, S, S] -> [B, width, S/p, S/p], the
+    same grid as a patch_size patchify, better conditioned when trained from scratch."""
+    layers, channels = [], 3
+    for i in range(int(math.log2(patch_size))):
+        out = min(width, 16 * 2 ** i)
+        layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out),
+                   nn.ReLU(inplace=True)]
+        channels = out
+    return nn.Sequential(*layers, nn.Conv2d(channels, width, 1))
+
+
 class VisionEncoder(nn.Module):
     """CLIP ViT (section 4): patch conv (no bias), class token, learned positions, ln_pre,
-    pre-LN blocks with QuickGELU, ln_post on all tokens. CLIP's output projection is not used."""
+    pre-LN blocks with QuickGELU, ln_post on all tokens. CLIP's output projection is not used.
+    With Config.vision_stem "conv" the patch conv is a stack of early convolutions (conv_stem)."""
 
     def __init__(self, cfg: Config):
         super().__init__()
         D, grid = cfg.vision_width, cfg.image_size // cfg.patch_size
         self.image_size = cfg.image_size
-        self.patch_embed = nn.Conv2d(3, D, cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.patch_embed = (conv_stem(D, cfg.patch_size) if cfg.vision_stem == "conv" else
+                            nn.Conv2d(3, D, cfg.patch_size, stride=cfg.patch_size, bias=False))
         self.class_embedding = nn.Parameter(torch.randn(D) * 0.02)  # [Dv]
         self.pos_embed = nn.Parameter(torch.randn(1 + grid * grid, D) * 0.02)  # [1 + N, Dv]
         self.ln_pre = nn.LayerNorm(D, eps=cfg.vision_ln_eps)
@@ -328,6 +369,9 @@ class VisionEncoder(nn.Module):
         patches at the start: its output varies across images ~70x less (in variance)."""
         D = self.class_embedding.numel()
         residual_std = D ** -0.5 * (2 * layers) ** -0.5
+        for m in self.patch_embed.modules():  # a conv stem: PyTorch's (Kaiming) init for convolutions
+            if isinstance(m, nn.Conv2d) and isinstance(self.patch_embed, nn.Sequential):
+                m.reset_parameters()
         with torch.no_grad():
             self.class_embedding.normal_(0, D ** -0.5)
             for block in self.blocks:
@@ -452,7 +496,8 @@ class TextEncoder(nn.Module):
 
 class Fusion(nn.Module):
     """METER co-attention fusion (section 4): projections + modality types, parallel cross
-    layers per stream, poolers (token 0 -> Linear -> tanh), joint = [text pooled, image pooled]."""
+    layers per stream, poolers (token 0 -> Linear -> tanh; with Config.pooling "mean", the mean
+    over the stream's real tokens), joint = [text pooled, image pooled]."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -464,17 +509,40 @@ class Fusion(nn.Module):
         self.image_layers = nn.ModuleList(CrossLayer(cfg) for _ in range(cfg.fusion_layers))
         self.text_pooler = nn.Linear(H, H)
         self.image_pooler = nn.Linear(H, H)
+        self.pooling = cfg.pooling
+
+    def pool(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """What a pooler reads from a fused stream x [B, L, H]: token 0, or the mean over the real
+        tokens (mask [B, L], None: all real) -> [B, H]."""
+        if self.pooling == "cls":
+            return x[:, 0]
+        return x.mean(dim=1) if mask is None else masked_mean(x, mask)
+
+    def streams(self, text_states, image_states):
+        """Both encoders' outputs projected to width H, plus their modality-type embeddings."""
+        return (self.text_proj(text_states) + self.modality_type.weight[0],  # [B, Lt, H]
+                self.image_proj(image_states) + self.modality_type.weight[1])  # [B, Li, H]
+
+    def text_rows(self, text_states, text_mask, image_states, rows):
+        """The fused text stream at the positions `rows` (bool [B, Lt]) only -> [M, H]: what MLM
+        reads. Every layer but the last runs in full; the last runs the text stream's wanted rows
+        (CrossLayer rows) and not the image stream, whose last output nothing reads."""
+        t, v = self.streams(text_states, image_states)
+        t_mask = key_padding_mask(text_mask)
+        *before, last = list(zip(self.text_layers, self.image_layers))
+        for text_layer, image_layer in before:
+            t, v = text_layer(t, t_mask, v, None), image_layer(v, None, t, t_mask)
+        return last[0](t, t_mask, v, None, rows)
 
     def forward(self, text_states, text_mask, image_states):
         """text [B, Lt, Dt], text_mask [B, Lt], image [B, Li, Dv]
         -> (text [B, Lt, H], image [B, Li, H], joint [B, 2H])."""
-        t = self.text_proj(text_states) + self.modality_type.weight[0]
-        v = self.image_proj(image_states) + self.modality_type.weight[1]
+        t, v = self.streams(text_states, image_states)
         t_mask = key_padding_mask(text_mask)
         for text_layer, image_layer in zip(self.text_layers, self.image_layers):
             t, v = text_layer(t, t_mask, v, None), image_layer(v, None, t, t_mask)
-        pooled_text = torch.tanh(self.text_pooler(t[:, 0]))  # [B, H]
-        pooled_image = torch.tanh(self.image_pooler(v[:, 0]))  # [B, H]
+        pooled_text = torch.tanh(self.text_pooler(self.pool(t, text_mask)))  # [B, H]
+        pooled_image = torch.tanh(self.image_pooler(self.pool(v, None)))  # [B, H]
         return t, v, torch.cat([pooled_text, pooled_image], dim=-1)  # joint [B, 2H]
 
 
@@ -681,6 +749,12 @@ class PTUnifier(nn.Module):
         """Co-attention over both streams -> fused text [B, Lt, H], image [B, Li, H], joint [B, 2H]."""
         t, v, joint = self.fusion(text.states, text.mask, image.states)
         return FusionOutput(t, v, text.mask, joint, text.prompt_indices, image.prompt_indices)
+
+    def fuse_text_rows(self, image: Encoded, text: Encoded, rows: torch.Tensor) -> torch.Tensor:
+        """The fused text stream of a pair at the positions `rows` (bool [B, Lt]) only -> [M, H]
+        (the MLM pass, Eq. 5-6: its head reads the masked positions and nothing else); equal to
+        fuse(text, image).text[rows], for less work (Fusion.text_rows)."""
+        return self.fusion.text_rows(text.states, text.mask, image.states, rows)
 
     def fuse_encoded(self, image: Encoded | None = None, text: Encoded | None = None) -> FusionOutput:
         """One fusion pass over encoded inputs; the missing modality (at most one) is prompted."""

@@ -9,8 +9,11 @@ prompts. Two variants are implemented:
   in descending score order, become the prompts (Eq. 4).
 - `StaticPrompts` (section 3.2.1): k fixed learnable prompts shared by every input; the query is
   ignored.
+- `NoPrompts` (Table 4's "without prompt pools"; the paper does not say what then fills a missing
+  modality): zero prompts, so a missing text is the empty text [<s>, </s>] and a missing image the
+  class token [CLS] alone, each through its encoder.
 
-Both expose `select(query[B, D]) -> (prompts[B, k, D], indices[B, k])`.
+All expose `select(query[B, D]) -> (prompts[B, k, D], indices[B, k])`.
 
 Unlike the official code, which scores and gathers under `torch.no_grad()` so the pools never
 learn, the selected rows are gathered from the pool parameter with gradients: a loss reaches
@@ -20,6 +23,20 @@ computed on detached tensors.
 
 import torch
 from torch import nn
+
+
+def pool_scores(query: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+    """Eq. 3, s_i = w_i^T q, on detached tensors (the top-k that follows has no gradient):
+    query [B, D], pool [S, D] -> scores [B, S]."""
+    return query.detach() @ pool.detach().t()
+
+
+def select_top_k(query: torch.Tensor, pool: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 4: the k best-scoring pool rows for each query, best first: query [B, D], pool [S, D]
+    -> (prompts [B, k, D], indices [B, k]). The rows are gathered from `pool` itself (an embedding
+    lookup), so a loss on the prompts reaches exactly the selected rows."""
+    indices = pool_scores(query, pool).topk(k, dim=1, sorted=True).indices  # [B, k]
+    return nn.functional.embedding(indices, pool), indices  # [B, k, D]
 
 
 class PromptPool(nn.Module):
@@ -36,14 +53,12 @@ class PromptPool(nn.Module):
         self.weight = nn.Parameter(torch.randn(size, dim) * 0.02)  # [S, D], normal std 0.02
 
     def scores(self, query: torch.Tensor) -> torch.Tensor:
-        """Eq. 3 on detached tensors (top-k has no gradient): query [B, D] -> scores [B, S]."""
-        return query.detach() @ self.weight.detach().t()
+        """Eq. 3: query [B, D] -> scores [B, S] (`pool_scores`)."""
+        return pool_scores(query, self.weight)
 
     def select(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eq. 4: query [B, D] -> (prompts [B, k, D], indices [B, k]), best score first."""
-        indices = self.scores(query).topk(self.k, dim=1, sorted=True).indices  # [B, k]
-        prompts = nn.functional.embedding(indices, self.weight)  # [B, k, D], grads to these rows
-        return prompts, indices
+        """Eq. 4: query [B, D] -> (prompts [B, k, D], indices [B, k]), best score first (`select_top_k`)."""
+        return select_top_k(query, self.weight, self.k)
 
 
 class StaticPrompts(nn.Module):
@@ -64,10 +79,30 @@ class StaticPrompts(nn.Module):
         return prompts, indices
 
 
-def build_prompts(mode: str, size: int, dim: int, k: int) -> PromptPool | StaticPrompts:
-    """Prompt source for one modality: mode "pool" (Eq. 3-4) or "static" (section 3.2.1)."""
+class NoPrompts(nn.Module):
+    """No prompts at all: select returns k = 0 of them (the missing modality keeps only its [CLS]
+    or [<s>, </s>] tokens)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim, self.k = dim, 0
+
+    def select(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """query [B, D] -> (prompts [B, 0, D], indices [B, 0])."""
+        batch = query.shape[0]
+        return (query.new_zeros(batch, 0, self.dim),
+                torch.zeros(batch, 0, dtype=torch.long, device=query.device))
+
+
+PROMPT_MODES = ("pool", "static", "none")
+
+
+def build_prompts(mode: str, size: int, dim: int, k: int) -> PromptPool | StaticPrompts | NoPrompts:
+    """Prompt source for one modality: mode "pool" (Eq. 3-4), "static" (section 3.2.1) or "none"."""
     if mode == "pool":
         return PromptPool(size, dim, k)
     if mode == "static":
         return StaticPrompts(k, dim)
-    raise ValueError(f"prompt mode must be 'pool' or 'static', got {mode!r}")
+    if mode == "none":
+        return NoPrompts(dim)
+    raise ValueError(f"prompt mode must be one of {PROMPT_MODES}, got {mode!r}")

@@ -7,7 +7,8 @@
   resumed run draws exactly what the uninterrupted run drew, with no RNG state to carry.
 - `StopSignal`: SIGTERM / SIGINT become a flag checked between steps (save, then exit 0).
 - collectives: `any_rank` (every rank takes the same decision), `mean_over_ranks`, `cleanup`.
-- the schedule (paper 5.3): linear warm-up, then linear decay to 0 (`lr_factor`, `set_lr`).
+- the schedule (paper 5.3): linear warm-up, then linear decay to 0, optionally after a plateau
+  (`lr_factor`, `set_lr`).
 - the guarded optimiser step: `snapshot_buffers` before the forward, then `finish_step`, which
   applies the update or, when the loss was not finite on some rank, drops the gradients and puts
   the buffers back, so that a skipped step leaves the model exactly as it was.
@@ -140,12 +141,17 @@ class StopSignal:
 
 # ----------------------------------------------------------------------------- the optimiser step
 
-def lr_factor(step: int, total: int, warmup: float) -> float:
-    """Linear warm-up over the first `warmup` fraction of steps, then linear decay to 0 (paper 5.3)."""
+def lr_factor(step: int, total: int, warmup: float, decay_from: float = 0.0) -> float:
+    """Linear warm-up over the first `warmup` fraction of the steps, then linear decay to 0 (paper
+    5.3); with `decay_from`, the rate holds at its peak until that fraction of the steps and decays
+    linearly to 0 from there."""
     warm = max(1, int(round(warmup * total)))
     if step < warm:
         return (step + 1) / warm
-    return max(0.0, (total - step) / max(1, total - warm))
+    start = max(warm, int(round(decay_from * total)))
+    if step < start:
+        return 1.0
+    return max(0.0, (total - step) / max(1, total - start))
 
 
 def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
@@ -223,8 +229,10 @@ def dataclass_cli(cls, argv, description: str, helps: dict, required=()):
             flag = "--" + f.name.replace("_", "-")
             kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
             text = helps.get(f.name) or "-"
-            if kind is bool:
-                p.add_argument(flag, action="store_true", help=text)
+            if kind is bool:  # a bool that the recipe may set takes --flag / --no-flag
+                optional = type(None) in typing.get_args(hints[f.name])
+                p.add_argument(flag, action=argparse.BooleanOptionalAction if optional else "store_true",
+                               default=defaults[f.name], help=text)
             else:
                 p.add_argument(flag, type=kind, default=defaults[f.name], help=text,
                                required=full and f.name in required)

@@ -74,8 +74,11 @@ class TrainConfig:
     lr_temperature: float | None = None  # a learnable ITC temperature
     weight_decay: float = 0.01         # AdamW decay of the weight matrices (paper 5.3)
     warmup: float | None = None        # fraction of steps with linear warm-up
+    decay_from: float | None = None    # fraction of steps at which the linear decay to 0 begins (the
+                                       # rate holds at its peak from the warm-up until then; paper: 0)
     clip_grad: float = 1.0             # max global gradient norm (0: off)
-    mlm_weight: float = 1.0            # MLM loss weight (Eq. 1); official config: MLM 1, ITM 0.5, ITC 0.1
+    mlm_weight: float = 1.0            # MLM loss weight (Eq. 1); official config: MLM 1, ITM 0.5, ITC 0.1;
+                                       # a weight of 0 turns the objective's pass off
     itm_weight: float = 0.5            # ITM loss weight (Eq. 1)
     itc_weight: float = 0.1            # ITC loss weight (Eq. 1)
     itc_warmup: float | None = None    # most steps, as a fraction, trained on ITC alone at the start
@@ -85,7 +88,13 @@ class TrainConfig:
     text_unit: str | None = None       # "sentence" (official: one random sentence) | "text" (whole)
     image_size: int | None = None      # image side in pixels (None: the preset's)
     max_text_len: int | None = None    # longest tokenised text (None: the preset's)
+    prompt_mode: str | None = None     # "pool" (Eq. 3-4), "static" (k fixed prompts) or "none" (a
+                                       # missing modality keeps only [CLS] / [<s>, </s>]); None: preset's
+    pool_size: int | None = None       # entries per prompt pool (None: the preset's)
+    k_visual: int | None = None        # visual prompts per missing image (None: the preset's)
+    k_textual: int | None = None       # textual prompts per missing text (None: the preset's)
     workers: int | None = None         # DataLoader workers per rank (None: 1 on CPU, 8 on CUDA)
+    cache_images: bool | None = None   # keep the decoded training images in memory (small datasets)
     seed: int = 0                      # initial weights, data order, augmentation, masking
     log_every: int = 10                # steps between lines of metrics.jsonl
     save_every: int = 200              # steps between checkpoints (also saved at the end and on SIGTERM)
@@ -98,7 +107,18 @@ class TrainConfig:
 
     def resolved(self) -> "TrainConfig":
         """The preset's recipe in every field that is not set."""
-        return with_defaults(self, recipe(self.preset).pretrain)
+        cfg = with_defaults(self, recipe(self.preset).pretrain)
+        if cfg.itc_warmup > 0 and cfg.itc_weight <= 0:
+            raise SystemExit("--itc-weight 0 leaves nothing to train in the ITC-only start: add --itc-warmup 0")
+        if min(cfg.mlm_weight, cfg.itm_weight, cfg.itc_weight) < 0 or not any(
+                (cfg.mlm_weight, cfg.itm_weight, cfg.itc_weight)):
+            raise SystemExit("loss weights must be >= 0 and at least one positive (0 turns an objective off)")
+        return cfg
+
+    def model_overrides(self) -> dict:
+        """The model Config fields that this run sets (None: the preset's)."""
+        names = ("image_size", "max_text_len", "prompt_mode", "pool_size", "k_visual", "k_textual")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
     def itc_only_steps(self) -> int:
         """The longest ITC-only start, in steps (resolved configs only)."""
@@ -109,62 +129,79 @@ class TrainConfig:
 
 @dataclass
 class StepOutput:
-    """What one pre-training step returns: the losses that ran (MLM and ITM are None in an
-    ITC-only step), their weighted sum (Eq. 1), and the prompts chosen (for usage statistics
-    and the gradient test)."""
+    """What one pre-training step returns: the losses that ran (None for an objective whose weight
+    is 0, and for MLM and ITM in an ITC-only step), their weighted sum (Eq. 1), and the prompts
+    chosen by the ITC passes (for usage statistics and the gradient test; None without ITC)."""
     losses: LossParts
     total: torch.Tensor
-    textual_prompts: torch.Tensor  # [B, k_t] textual-pool entries chosen for the image-only pass
-    visual_prompts: torch.Tensor   # [B, k_v] visual-pool entries chosen for the text-only pass
+    textual_prompts: torch.Tensor | None  # [B, k_t] textual-pool entries chosen for the image-only pass
+    visual_prompts: torch.Tensor | None   # [B, k_v] visual-pool entries chosen for the text-only pass
 
 
 class PretrainStep(nn.Module):
-    """The four passes of one pre-training step as one module, so DDP wraps a single forward."""
+    """The four passes of one pre-training step as one module, so DDP wraps a single forward.
+    A pass whose objective has weight 0 does not run (the ablations of the paper's Table 3)."""
 
     def __init__(self, model: PTUnifier, weights: LossWeights, reuse: bool = True):
         super().__init__()
         self.model, self.weights, self.reuse = model, weights, reuse
 
-    def forward(self, batch: Batch, itc_only: bool = False) -> StepOutput:
-        passes = self.shared_passes if self.reuse else self.naive_passes
-        mlm, itm, image_only, text_only = passes(batch, itc_only)
-        m = self.model
-        parts = LossParts(itc=itc_loss(m.itc_image(image_only.joint), m.itc_text(text_only.joint),
-                                       m.logit_scale()))                          # Eq. 9-10
-        if not itc_only:
-            masked = batch.mlm_labels != -100                                     # [B, L]
-            parts.mlm = mlm_loss(m.mlm_head(mlm.text[masked]), batch.mlm_labels[masked])  # Eq. 5-6
-            parts.itm = itm_loss(m.itm_head(itm.joint), batch.itm_labels)         # Eq. 7-8
-        return StepOutput(parts, total_loss(parts, self.weights),                 # Eq. 1
-                          image_only.text_prompt_indices, text_only.image_prompt_indices)
+    def objectives(self, itc_only: bool) -> set[str]:
+        """The objectives this step runs: those with a positive weight; ITC alone in an ITC-only step."""
+        run = {name for name in ("mlm", "itm", "itc") if getattr(self.weights, name) > 0}
+        return run & {"itc"} if itc_only else run
 
-    def shared_passes(self, batch: Batch, itc_only: bool):
-        """The four fusion passes (MLM and ITM None when itc_only) with the encoders' outputs shared:
-        one ViT pass over the B true images; without text dropout one encoding of the true texts."""
+    def forward(self, batch: Batch, itc_only: bool = False) -> StepOutput:
+        run = self.objectives(itc_only)
+        passes = (self.shared_passes if self.reuse else self.naive_passes)(batch, run)
+        m, parts = self.model, LossParts()
+        if "mlm" in run:  # passes["mlm"]: the fused text stream at the masked positions [M, H]
+            masked = batch.mlm_labels != -100                                     # [B, L]
+            parts.mlm = mlm_loss(m.mlm_head(passes["mlm"]), batch.mlm_labels[masked])  # Eq. 5-6
+        if "itm" in run:
+            parts.itm = itm_loss(m.itm_head(passes["itm"].joint), batch.itm_labels)  # Eq. 7-8
+        textual = visual = None
+        if "itc" in run:
+            image_only, text_only = passes["image_only"], passes["text_only"]
+            parts.itc = itc_loss(m.itc_image(image_only.joint), m.itc_text(text_only.joint),
+                                 m.logit_scale())                                 # Eq. 9-10
+            textual, visual = image_only.text_prompt_indices, text_only.image_prompt_indices
+        return StepOutput(parts, total_loss(parts, self.weights), textual, visual)  # Eq. 1
+
+    def shared_passes(self, batch: Batch, run: set[str]) -> dict:
+        """The fusion passes of the objectives in `run` ("mlm": the fused text at the masked
+        positions; "itm", "image_only", "text_only": FusionOutputs), with the encoders' outputs
+        shared: one ViT pass over the B true images; without text dropout one encoding of the
+        true texts; the MLM pass fuses only what its head reads (PTUnifier.fuse_text_rows)."""
         m = self.model
         image = m.encode_image(batch.pixel_values)                    # [B, 1 + N, Dv], query [B, Dv]
-        share_text = not itc_only and (m.config.text_dropout == 0 or not m.training)
+        share_text = {"itm", "itc"} <= run and (m.config.text_dropout == 0 or not m.training)
         text = m.encode_text(batch.input_ids, batch.attention_mask) if share_text else None
-        mlm = itm = None
-        if not itc_only:
-            # 1. MLM: the masked text with its image; the head reads only the masked positions.
-            mlm = m.fuse_encoded(image, m.encode_text(batch.mlm_input_ids, batch.attention_mask))
-            # 2. ITM: text i with image itm_image_index[i] (itself or another image of the batch).
-            itm = m.fuse_encoded(image.rows(batch.itm_image_index),
-                                 text or m.encode_text(batch.input_ids, batch.attention_mask))
-        # 3-4. ITC: image-only pass (textual prompts) and text-only pass (visual prompts).
-        image_only = m.fuse_encoded(image, None)
-        text_only = m.fuse_encoded(None, text or m.encode_text(batch.input_ids, batch.attention_mask))
-        return mlm, itm, image_only, text_only
+        passes = {}
+        if "mlm" in run:  # 1. the masked text with its image, fused only where the head reads it
+            passes["mlm"] = m.fuse_text_rows(image, m.encode_text(batch.mlm_input_ids, batch.attention_mask),
+                                             batch.mlm_labels != -100)
+        if "itm" in run:  # 2. text i with image itm_image_index[i] (itself or another image)
+            passes["itm"] = m.fuse_encoded(image.rows(batch.itm_image_index),
+                                           text or m.encode_text(batch.input_ids, batch.attention_mask))
+        if "itc" in run:  # 3-4. image-only pass (textual prompts), text-only pass (visual prompts)
+            passes["image_only"] = m.fuse_encoded(image, None)
+            passes["text_only"] = m.fuse_encoded(
+                None, text or m.encode_text(batch.input_ids, batch.attention_mask))
+        return passes
 
-    def naive_passes(self, batch: Batch, itc_only: bool):
-        """The same four passes, each encoding its own inputs (what the shared passes must equal)."""
-        m, ids, mask = self.model, batch.input_ids, batch.attention_mask
-        mlm = itm = None
-        if not itc_only:
-            mlm = m(batch.pixel_values, batch.mlm_input_ids, mask)
-            itm = m(batch.pixel_values.index_select(0, batch.itm_image_index), ids, mask)
-        return mlm, itm, m(pixel_values=batch.pixel_values), m(input_ids=ids, attention_mask=mask)
+    def naive_passes(self, batch: Batch, run: set[str]) -> dict:
+        """The same passes, each encoding its own inputs and fusing every position (what the
+        shared passes must equal)."""
+        m, pixels, ids, mask = self.model, batch.pixel_values, batch.input_ids, batch.attention_mask
+        passes = {}
+        if "mlm" in run:
+            passes["mlm"] = m(pixels, batch.mlm_input_ids, mask).text[batch.mlm_labels != -100]
+        if "itm" in run:
+            passes["itm"] = m(pixels.index_select(0, batch.itm_image_index), ids, mask)
+        if "itc" in run:
+            passes["image_only"], passes["text_only"] = m(pixels), m(input_ids=ids, attention_mask=mask)
+        return passes
 
 
 def end_itc_start(state: dict, itc: float, chance: float, margin: float, decay: float = 0.9) -> bool:
@@ -210,8 +247,8 @@ def start_run(cfg: TrainConfig, rt: Runtime) -> Run:
     """Build the model, the data stream and the optimiser; restore them with --resume."""
     seed_everything(cfg.seed)  # the same initial weights on every rank
     tokenizer = Tokenizer.load(locate_tokenizer(cfg.data, cfg.tokenizer, cfg.text_init))
-    sizes = {k: v for k, v in (("image_size", cfg.image_size), ("max_text_len", cfg.max_text_len)) if v}
-    model = build_model(cfg.preset, tokenizer, cfg.vision_init, cfg.text_init, **sizes).to(rt.device)
+    model = build_model(cfg.preset, tokenizer, cfg.vision_init, cfg.text_init,
+                        **cfg.model_overrides()).to(rt.device)
     mcfg = model.config
     micro = cfg.micro_batch or cfg.batch_size // rt.world
     accum = cfg.batch_size // (micro * rt.world)
@@ -220,6 +257,8 @@ def start_run(cfg: TrainConfig, rt: Runtime) -> Run:
                          f"x {rt.world} processes")
     dataset = PretrainDataset(cfg.data, "train", tokenizer, mcfg.image_size, mcfg.max_text_len,
                               train=True, mlm_prob=cfg.mlm_prob, seed=cfg.seed, text_unit=cfg.text_unit)
+    if cfg.cache_images:
+        dataset.keep_decoded_images()
     optimizer = make_optimizer(model, cfg, rt.device)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
     runner = PretrainStep(model, LossWeights(cfg.mlm_weight, cfg.itm_weight, cfg.itc_weight))
@@ -251,7 +290,7 @@ def start_run(cfg: TrainConfig, rt: Runtime) -> Run:
 def train_step(run: Run, stop: StopSignal) -> tuple[dict[str, torch.Tensor], int, bool]:
     """One guarded optimisation step; returns (mean losses, samples seen here, stopping)."""
     cfg, rt, state = run.cfg, run.rt, run.state
-    set_lr(run.optimizer, lr_factor(state["step"], cfg.steps, cfg.warmup))
+    set_lr(run.optimizer, lr_factor(state["step"], cfg.steps, cfg.warmup, cfg.decay_from))
     seed_step(cfg.seed, rt.rank, state["step"])
     itc_only = state["step"] < state["itc_only_until"]
     buffers = snapshot_buffers(run.model)
@@ -334,8 +373,9 @@ class PromptUsage:
         self.visual = torch.zeros(pool_size, dtype=torch.long, device=device)
 
     def add(self, out: StepOutput) -> None:
-        self.textual += torch.bincount(out.textual_prompts.flatten(), minlength=len(self.textual))
-        self.visual += torch.bincount(out.visual_prompts.flatten(), minlength=len(self.visual))
+        if out.textual_prompts is not None:  # the ITC passes ran
+            self.textual += torch.bincount(out.textual_prompts.flatten(), minlength=len(self.textual))
+            self.visual += torch.bincount(out.visual_prompts.flatten(), minlength=len(self.visual))
 
     def summary(self) -> dict:
         return dict(train_textual_prompts_used=int((self.textual > 0).sum()),
@@ -414,7 +454,7 @@ def train(cfg: TrainConfig) -> dict:
             if step % cfg.log_every == 0 or step == cfg.steps:
                 now = time.perf_counter()
                 row = dict(step=step, **{k: v.item() for k, v in losses.items()},
-                           lr=cfg.lr_other * lr_factor(step - 1, cfg.steps, cfg.warmup),
+                           lr=cfg.lr_other * lr_factor(step - 1, cfg.steps, cfg.warmup, cfg.decay_from),
                            samples_per_s=samples_since / (now - t_last),
                            skipped_steps=run.state["skipped_steps"])
                 t_last, samples_since = now, 0

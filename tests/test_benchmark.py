@@ -4,6 +4,7 @@ import json
 from collections import Counter
 
 import pytest
+import torch
 
 import evaluate
 import synth
@@ -75,11 +76,39 @@ def test_benchmark_driver_end_to_end(bench_root, tmp_path, monkeypatch):
         return real(**kw, epochs=1, max_steps_per_epoch=2, batch_size=8, workers=0, eval_batch=16)
     monkeypatch.setattr(finetune, "FinetuneConfig", short)
     rows = evaluate.run_benchmark(run / "checkpoint.safetensors", bench_root, tmp_path / "bench", "cpu")
-    assert set(rows) == {"trivial baseline", "PTUnifier zero-shot", "PTUnifier fine-tuned"}
+    assert set(rows) == {"trivial baseline", "pixel logistic regression", "PTUnifier zero-shot",
+                         "PTUnifier fine-tuned"}
     assert set(rows["PTUnifier fine-tuned"]) == {"ic", "tc", "ts", "retrieval", "itg", "vqa"}
     saved = json.loads((tmp_path / "bench" / "table.json").read_text())
     assert saved["rows"]["PTUnifier fine-tuned"]["vqa"]["overall"] == rows["PTUnifier fine-tuned"]["vqa"]["overall"]
-    assert (tmp_path / "bench" / "table.md").read_text().count("\n") == 5
+    assert (tmp_path / "bench" / "table.md").read_text().count("\n") == 6
+    assert 0 <= rows["pixel logistic regression"]["ic"]["macro_auroc"] <= 1
     generated = (tmp_path / "bench" / "itg" / "test_generations.jsonl").read_text().splitlines()
     assert len(generated) == 12 and 0 <= rows["PTUnifier fine-tuned"]["itg"]["ce_f1"] <= 1
     assert (tmp_path / "bench" / "examples.png").stat().st_size > 1000
+
+    # Run again: every task folder holds a finished run of the same configuration and is kept;
+    # a task whose configuration changed (tc: 2 steps per epoch -> 1) is fine-tuned again.
+    ran, original = [], finetune.finetune
+    monkeypatch.setattr(finetune, "finetune", lambda cfg: ran.append(cfg.task) or original(cfg))
+    assert evaluate.run_benchmark(run / "checkpoint.safetensors", bench_root, tmp_path / "bench", "cpu") == rows
+    assert ran == []
+    monkeypatch.setattr(finetune, "FinetuneConfig", lambda **kw: short(**kw) if kw["task"] != "tc" else
+                        real(**kw, epochs=1, max_steps_per_epoch=1, batch_size=8, workers=0, eval_batch=16))
+    again = evaluate.run_benchmark(run / "checkpoint.safetensors", bench_root, tmp_path / "bench", "cpu")
+    assert ran == ["tc"] and again["PTUnifier fine-tuned"]["vqa"] == rows["PTUnifier fine-tuned"]["vqa"]
+
+
+def test_pixel_baseline_fits_the_logistic_regression_of_scikit_learn():
+    """fit_logistic minimises the mean BCE over the N x K cells + p |W|^2, i.e. for each of the K
+    columns sum(log-loss) / (N K) + p |w|^2; scikit-learn's LogisticRegression minimises
+    C sum(log-loss) + |w|^2 / 2: the same optimum for C = 1 / (2 p N K), equal probabilities."""
+    from sklearn.linear_model import LogisticRegression
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 6, generator=g)
+    y = (x @ torch.randn(6, 2, generator=g) + 0.5 * torch.randn(200, 2, generator=g) > 0).float()
+    linear = evaluate.fit_logistic(x, y, penalty=0.01)
+    ours = torch.sigmoid(linear(x)).detach().numpy()
+    for c in range(2):
+        reference = LogisticRegression(C=1 / (2 * 0.01 * 200 * 2), tol=1e-10, max_iter=1000).fit(x.numpy(), y[:, c].numpy())
+        assert abs(ours[:, c] - reference.predict_proba(x.numpy())[:, 1]).max() < 1e-3

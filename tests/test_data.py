@@ -374,3 +374,22 @@ def test_seeded_training_stream_resumes_exactly_with_any_worker_count(tmp_path, 
     first, second = straight[:per_epoch], straight[per_epoch:2 * per_epoch]
     assert sorted(i for b in first for i in b.ids) == sorted(i for b in second for i in b.ids)
     assert not all(torch.equal(a.pixel_values, b.pixel_values) for a, b in zip(first, second))
+
+
+def test_stratified_subset_by_hand():
+    """20 items in strata a (10), b (6), c (4); 25%: 5 items, quotas 2.5 / 1.5 / 1.0 -> floors 2, 1, 1
+    and the one left over goes to a or b (equal remainders 0.5, seeded order)."""
+    keys = ["a"] * 10 + ["b"] * 6 + ["c"] * 4
+    picked = data.stratified_subset(keys, 0.25, seed=3)
+    counts = {k: sum(keys[i] == k for i in picked) for k in "abc"}
+    assert len(picked) == 5 and counts in ({"a": 3, "b": 1, "c": 1}, {"a": 2, "b": 2, "c": 1})
+    assert picked == sorted(set(picked)) == data.stratified_subset(keys, 0.25, seed=3)
+    assert data.stratified_subset(keys, 1.0, seed=0) == list(range(20))
+    assert len(data.stratified_subset(keys, 0.01, seed=0)) == 1  # at least one item
+    draws = {tuple(data.stratified_subset(keys, 0.5, seed=s)) for s in range(5)}
+    assert len(draws) > 1  # the seed chooses the items
+    for s in range(5):  # 50%: every stratum exactly halved
+        half = data.stratified_subset(keys, 0.5, seed=s)
+        assert [sum(keys[i] == k for i in half) for k in "abc"] == [5, 3, 2]
+    with pytest.raises(ValueError, match="fraction"):
+        data.stratified_subset(keys, 0.0, seed=0)

@@ -15,7 +15,7 @@ import torch
 import finetune as ft
 import synth
 from checkpoint import CheckpointError, save_checkpoint
-from data import TaskDataset, Tokenizer, make_loader, read_manifest, write_manifest
+from data import TaskDataset, Tokenizer, make_loader, read_manifest, stratified_subset, write_manifest
 from losses import itc_loss
 from model import PTUnifier
 from recipes import RECIPES
@@ -252,3 +252,40 @@ def test_no_repeat_ngram_defaults_per_recipe_and_task_and_can_be_turned_off():
     assert resolved("vqa", "tiny").no_repeat_ngram == 0
     assert resolved("itg", "tiny", no_repeat_ngram=0).no_repeat_ngram == 0
     assert resolved("itg", "base", no_repeat_ngram=4).no_repeat_ngram == 4
+
+
+def test_train_fraction_trains_on_a_stratified_subset(bench, tmp_path, monkeypatch):
+    """--train-fraction 0.25 of the 24 training cases: 6 cases chosen by data.stratified_subset
+    (labels as strata), the whole subset as one batch when it is smaller than --batch-size."""
+    root, tok = bench
+    seen = []
+    real = ft.start_finetune
+
+    def spy(cfg, rt):
+        run = real(cfg, rt)
+        seen.append(([r["id"] for r in run.loader.dataset.records], run.cfg.batch_size))
+        return run
+    monkeypatch.setattr(ft, "start_finetune", spy)
+    ft.finetune(run_cfg(root, "tc", tmp_path, train_fraction=0.25, seed=3))
+    records = read_manifest(root / "tc", "train")[0]
+    expected = [records[i]["id"] for i in stratified_subset([repr(r["label"]) for r in records], 0.25, 3)]
+    assert seen == [(expected, 6)]
+
+
+def test_blank_inputs_fill_the_missing_modality(bench):
+    """--missing blank: image classification reads the empty text [<s>, </s>], text classification
+    a constant image (zeros after normalisation), instead of prompts."""
+    root, tok = bench
+    backbone = tiny_backbone(tok).eval()
+    ic = ft.FinetuneModel(backbone, ft.TASKS["ic"], 6, blank=True)
+    batch = first_batch(root, tok, "ic")
+    inputs = ic.fusion_inputs(batch)
+    assert inputs["input_ids"].tolist() == [[tok.bos_id, tok.eos_id]] * len(batch)
+    prompted = ft.FinetuneModel(backbone, ft.TASKS["ic"], 6).fusion_inputs(batch)
+    assert set(prompted) == {"pixel_values"}
+    tc = ft.FinetuneModel(backbone, ft.TASKS["tc"], 3, blank=True)
+    text_batch = first_batch(root, tok, "tc")
+    pixels = tc.fusion_inputs(text_batch)["pixel_values"]
+    assert pixels.shape == (len(text_batch), 3, 64, 64) and not pixels.any()
+    out = backbone(**tc.fusion_inputs(text_batch))
+    assert out.image_prompt_indices is None and out.image.shape[1] == 1 + 16  # a real (blank) image

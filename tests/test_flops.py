@@ -20,6 +20,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+import bench
 import train
 from bench import step_flops, synthetic_batch
 from losses import LossWeights
@@ -31,7 +32,7 @@ SMALL = dataclasses.replace(
     RECIPES["tiny"].model, image_size=8, patch_size=4, vision_width=8, vision_layers=1, vision_heads=2,
     vision_mlp=16, vocab_size=32, text_width=8, text_layers=1, text_heads=2, text_mlp=16,
     max_positions=16, max_text_len=6, hidden_size=8, fusion_layers=1, fusion_heads=2,
-    fusion_mlp=16, pool_size=4, k_visual=2, k_textual=2, embed_dim=4)
+    fusion_mlp=16, pool_size=4, k_visual=2, k_textual=2, embed_dim=4, vision_stem="patch")
 B, L = 2, 6  # 2 pairs, 6 tokens each; MLM positions round(0.15 * 2 * 6) = 2
 
 
@@ -59,12 +60,18 @@ def hand_count_forward(reuse: bool) -> dict:
         poolers = 2 * B * 2 * 8 * 8
         return proj + text_stream + image_stream + attn + poolers
 
+    # With reuse the MLM pass fuses only its 2 masked rows in its (last) layer: the text stream's
+    # self-attention on all 6 tokens, cross-attention k/v once per image (5 tokens), then queries,
+    # out and FFN of the 2 rows, each attending to 5 keys; no image stream, no poolers.
+    mlm_rows = (B * 2 * (6 + 5) * 8 * 8 + B * 6 * 2 * 4 * 64 + attention(6, 6) + B * 5 * 2 * 2 * 64
+                + 2 * 2 * (2 * 64 + 2 * 8 * 16) + 2 * 2 * 2 * 5 * 8)  # = 15680
     return {
         "vision": (1 if reuse else 3) * vit_images + vit_prompts,
         # MLM's masked texts, ITM's and text-only's texts (one encoding with reuse: SMALL has no
         # dropout); the textual prompts
         "text": (2 if reuse else 3) * text + text_prompts,
-        "fusion": 2 * fusion(6, 5) + fusion(4, 5) + fusion(6, 3),  # MLM, ITM; image-only; text-only
+        # MLM, ITM; image-only; text-only
+        "fusion": (mlm_rows if reuse else fusion(6, 5)) + fusion(6, 5) + fusion(4, 5) + fusion(6, 3),
         "prompt_scoring": 2 * (B * 2 * 4 * 8),  # [2, 8] @ [8, 4] for each of the two pools
         "mlm_head": 2 * 2 * (8 * 8 + 8 * 32),  # 2 masked tokens: dense 8x8, decoder 8x32
         "itm_head": B * 2 * 16 * 2,  # joint 16 -> 2
@@ -76,7 +83,7 @@ def hand_count_forward(reuse: bool) -> dict:
 def test_step_flops_matches_hand_count(reuse):
     fwd = hand_count_forward(reuse)
     assert fwd["vision"] == (17984 if reuse else 3 * 17984) + 6720  # spot values for the reader
-    assert fwd["fusion"] == 2 * 44864 + 2 * 35648
+    assert fwd["fusion"] == (15680 if reuse else 44864) + 44864 + 2 * 35648
     got = step_flops(SMALL, B, L, reuse=reuse)
     for key, value in fwd.items():
         assert got["forward"][key] == value, key
@@ -87,10 +94,11 @@ def test_step_flops_matches_hand_count(reuse):
 
 def test_reuse_saves_two_vit_passes_and_one_text_pass():
     with_reuse, naive = step_flops(SMALL, B, L, True), step_flops(SMALL, B, L, False)
-    assert naive["total"] - with_reuse["total"] == 3 * (2 * 17984 + 14592)  # text: 2*6*1024 + 2304
+    # text: 2*6*1024 + 2304; the MLM fusion of the 2 masked rows: 44864 - 15680
+    assert naive["total"] - with_reuse["total"] == 3 * (2 * 17984 + 14592 + 44864 - 15680)
     dropout = dataclasses.replace(SMALL, text_dropout=0.1)  # the texts differ per pass in training
     assert (step_flops(dropout, B, L, False)["total"] - step_flops(dropout, B, L, True)["total"]
-            == 3 * 2 * 17984)
+            == 3 * (2 * 17984 + 44864 - 15680))
 
 
 def counted(fn) -> int:
@@ -109,9 +117,8 @@ def test_one_text_only_pass_matches_flop_counter(small_model):
     """Text + visual prompts: text encoder, pool scoring, ViT on [CLS, prompts], fusion (6, 3)."""
     batch = synthetic_batch(SMALL, B, L)
     got = counted(lambda: small_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask))
-    fwd = hand_count_forward(True)
     text, vit_prompts = 2 * 6 * 1024 + B * 4 * 36 * 8, 2 * 3 * 1024 + B * 4 * 9 * 8
-    assert got == text + B * 2 * 4 * 8 + vit_prompts + fwd["fusion"] // 2 - 44864
+    assert got == text + B * 2 * 4 * 8 + vit_prompts + 35648  # fusion (6, 3)
 
 
 @pytest.mark.parametrize("reuse", [True, False])
@@ -137,8 +144,22 @@ def test_step_forward_backward_is_three_forwards(small_model, reuse):
     step = train.PretrainStep(small_model, LossWeights(), reuse=reuse)
     got = counted(lambda: step(batch).total.backward())
     conv_input_grad = (1 if reuse else 3) * B * 4 * 2 * (3 * 4 * 4) * 8  # pixels need no gradient
-    # MLM pass (Lt = 6, Li = 5), image stream of its only fusion layer: own tokens 5 x (6*64 +
-    # 2*8*16) MACs, other tokens 6 x 2*64 MACs, attention to 5 + 6 keys; plus the two poolers.
-    dead_forward = (B * 2 * (5 * (6 * 64 + 2 * 8 * 16) + 6 * 2 * 64) + B * 4 * (5 * 5 + 5 * 6) * 8
-                    + 2 * B * 2 * 8 * 8)
+    # The naive MLM pass (Lt = 6, Li = 5) computes what no loss reads: the image stream of its only
+    # fusion layer (own tokens 5 x (6*64 + 2*8*16) MACs, other tokens 6 x 2*64 MACs, attention to
+    # 5 + 6 keys) and the two poolers. With reuse that pass runs only what MLM reads.
+    dead_forward = 0 if reuse else (B * 2 * (5 * (6 * 64 + 2 * 8 * 16) + 6 * 2 * 64)
+                                    + B * 4 * (5 * 5 + 5 * 6) * 8 + 2 * B * 2 * 8 * 8)
     assert got == step_flops(SMALL, B, L, reuse)["total"] - conv_input_grad - 2 * dead_forward
+
+
+def test_conv_stem_flops_match_hand_count_and_counter():
+    """The tiny preset's early convolutions on SMALL (8 px, patch 4): two stride-2 3x3 layers of
+    min(width 8, 16 * 2^i) = 8 channels, 8 -> 4 -> 2 px, then a 1x1 conv: BatchNorm is not counted."""
+    cfg = dataclasses.replace(SMALL, vision_stem="conv")
+    hand = 2 * B * (4 * 4 * 9 * 3 * 8 + 2 * 2 * 9 * 8 * 8 + 2 * 2 * 8 * 8)  # 13824 + 9216 + 1024
+    assert bench.stem_flops(cfg, B) == hand == 24064
+    torch.manual_seed(0)
+    step = train.PretrainStep(PTUnifier(cfg).eval(), LossWeights())
+    batch = synthetic_batch(cfg, B, L)
+    assert counted(lambda: step(batch)) == step_flops(cfg, B, L)["forward"]["total"]
+    assert step_flops(cfg, B, L)["forward"]["vision"] - step_flops(SMALL, B, L)["forward"]["vision"] == hand - 6144

@@ -303,9 +303,9 @@ def test_global_batch_norm_equals_batchnorm1d_without_a_process_group():
 
 
 def test_a_skipped_step_can_restore_the_running_statistics():
-    model = PTUnifier(RECIPES["tiny"].model)  # two GlobalBatchNorms: itc_image and itc_text
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert len([k for k in before if "running" in k]) == 4
+    model = PTUnifier(RECIPES["tiny"].model)  # GlobalBatchNorms in itc_image and itc_text, and the
+    before = {k: v.clone() for k, v in model.state_dict().items()}  # conv stem's four BatchNorm2d
+    assert len([k for k in before if "running" in k]) == 2 * (2 + 4)
     saved = snapshot_buffers(model)
     loss = model.itc_image(torch.randn(6, 2 * RECIPES["tiny"].model.hidden_size)).sum()  # a training forward
     assert not torch.equal(model.itc_image.batch_norm.running_mean, before["itc_image.batch_norm.running_mean"])
@@ -508,3 +508,52 @@ def test_sharded_checkpoint_and_too_long_texts(folders, tmp_path):
     assert (got[mask.bool()] - expected[mask.bool()]).abs().max().item() <= TOL
     with pytest.raises(ValueError, match="texts of 33 tokens need 33 position rows"):
         model.encode_text(torch.zeros(1, 33, dtype=torch.long), torch.ones(1, 33))
+
+
+def test_conv_stem_keeps_the_patch_grid_and_its_query():
+    """vision_stem "conv": log2(patch_size) stride-2 conv + BatchNorm + ReLU layers and a 1x1 conv
+    give the same [B, 1 + N, Dv] sequence as the patchify; the image query is the mean of its
+    output plus positions, as for patches (Eq. 3)."""
+    cfg = dataclasses.replace(RECIPES["tiny"].model, vision_stem="conv", patch_size=16)
+    model = PTUnifier(cfg).eval()
+    convs = [m for m in model.vision.patch_embed if isinstance(m, torch.nn.Conv2d)]
+    assert [c.stride for c in convs] == [(2, 2)] * 4 + [(1, 1)]
+    assert [c.out_channels for c in convs] == [16, 32, 64, 128, 128]
+    pixels = torch.randn(3, 3, 64, 64)
+    image = model.encode_image(pixels)
+    assert image.states.shape == (3, 1 + 16, 128)
+    grid = model.vision.patch_embed(pixels).flatten(2).transpose(1, 2) + model.vision.pos_embed[1:]
+    torch.testing.assert_close(image.query, grid.mean(1))
+    with pytest.raises(ConfigError, match="power of two"):
+        dataclasses.replace(RECIPES["tiny"].model, vision_stem="conv", patch_size=12, image_size=72)
+
+
+def test_mean_pooling_reads_the_mean_of_the_real_tokens():
+    """pooling "mean": each pooler reads the mean of its fused stream over the real tokens (text
+    padding excluded) instead of token 0; the joint feature is [tanh(pool_t), tanh(pool_v)]."""
+    torch.manual_seed(1)
+    model = PTUnifier(dataclasses.replace(RECIPES["tiny"].model, pooling="mean")).eval()
+    ids = torch.randint(5, 4096, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    out = model(pixel_values=torch.randn(2, 3, 64, 64), input_ids=ids, attention_mask=mask)
+    f = model.fusion
+    text_mean = torch.stack([out.text[0].mean(0), out.text[1, :4].mean(0)])
+    expected = torch.cat([torch.tanh(f.text_pooler(text_mean)), torch.tanh(f.image_pooler(out.image.mean(1)))], -1)
+    torch.testing.assert_close(out.joint, expected)
+
+
+def test_fusing_only_the_masked_text_rows_equals_the_full_pass():
+    """PTUnifier.fuse_text_rows (the MLM pass: the last layer fuses only the wanted text rows and
+    skips the image stream) equals the full fusion pass at those rows, for 1 and 2 fusion layers."""
+    for layers in (1, 2):
+        torch.manual_seed(layers)
+        model = PTUnifier(dataclasses.replace(RECIPES["tiny"].model, fusion_layers=layers)).eval()
+        ids = torch.randint(5, 4096, (3, 9))
+        mask = torch.ones_like(ids)
+        mask[2, 6:] = 0
+        rows = torch.rand(3, 9) < 0.3
+        rows[0, 1] = True
+        image, text = model.encode_image(torch.randn(3, 3, 64, 64)), model.encode_text(ids, mask)
+        full = model.fuse_encoded(image, text).text[rows]
+        torch.testing.assert_close(model.fuse_text_rows(image, text, rows), full, rtol=1e-5, atol=1e-5)

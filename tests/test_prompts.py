@@ -52,7 +52,7 @@ def test_pool_init_and_argument_checks():
     assert abs(pool.weight.std().item() - 0.02) < 0.001
     with pytest.raises(ValueError, match="k <= size"):
         PromptPool(size=4, dim=8, k=5)
-    with pytest.raises(ValueError, match="'pool' or 'static'"):
+    with pytest.raises(ValueError, match="one of"):
         build_prompts("dynamic", 8, 8, 2)
     assert isinstance(build_prompts("static", 8, 8, 2), StaticPrompts)
 
@@ -89,3 +89,21 @@ def test_static_mode_in_the_model():
     out = model(input_ids=torch.randint(5, 4096, (2, 6)))
     assert out.image.shape == (2, 1 + cfg.k_visual, cfg.hidden_size)
     assert out.image_prompt_indices.tolist() == [list(range(cfg.k_visual))] * 2
+
+
+def test_no_prompts_leave_only_the_class_token_and_the_text_ends():
+    """prompt_mode "none" (Table 4's "without prompt pools"): a missing image is [CLS] alone, a
+    missing text [<s>, </s>]; no prompt parameters exist and no indices are returned."""
+    torch.manual_seed(7)
+    cfg = dataclasses.replace(RECIPES["tiny"].model, prompt_mode="none")
+    model = PTUnifier(cfg).eval()
+    assert not [n for n, _ in model.named_parameters() if "prompts" in n]
+    text_only = model(input_ids=torch.randint(5, 4096, (2, 6)))
+    image_only = model(pixel_values=torch.randn(2, 3, 64, 64))
+    assert text_only.image.shape == (2, 1, cfg.hidden_size)
+    assert image_only.text.shape == (2, 2, cfg.hidden_size) and image_only.text_mask.tolist() == [[1, 1]] * 2
+    assert text_only.image_prompt_indices.shape == (2, 0) and image_only.text_prompt_indices.shape == (2, 0)
+    # the missing text is what the explicit empty text <s></s> gives
+    pixels = torch.randn(2, 3, 64, 64)
+    ends = torch.tensor([[cfg.bos_token_id, cfg.eos_token_id]] * 2)
+    torch.testing.assert_close(model(pixel_values=pixels).joint, model(pixel_values=pixels, input_ids=ends).joint)

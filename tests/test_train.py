@@ -122,7 +122,7 @@ def test_the_step_fits_one_batch_with_all_three_objectives(synth_dir):
 
 def test_itc_warmup_covers_the_first_steps_of_tiny_only():
     tiny = train.TrainConfig(preset="tiny", steps=600).resolved()
-    assert (tiny.itc_only_steps(), tiny.itc_escape) == (300, 0.2)
+    assert (tiny.itc_only_steps(), tiny.itc_escape) == (270, 0.0)  # 45% of the steps, no early end
     base = train.TrainConfig(preset="base", steps=1000).resolved()
     assert base.itc_only_steps() == 0 and base.text_unit == "sentence"
     assert train.TrainConfig(preset="tiny", itc_warmup=0.0).resolved().itc_only_steps() == 0
@@ -177,9 +177,9 @@ def test_two_runs_with_two_threads_are_bit_identical(synth_dir, tmp_path, two_th
 
 def test_resume_is_exact(synth_dir, tmp_path, monkeypatch, two_threads):
     """N steps straight == K steps, stop (as on SIGTERM), resume, N-K steps: identical parameters,
-    with two threads; the default run's ITC-only start and its moving average survive too."""
+    with two threads; the ITC-only start and its moving average (an adaptive end) survive too."""
     n, k = 6, 3
-    for extra in (DETERMINISM_ARGS, ("--batch-size", "8")):
+    for extra in (DETERMINISM_ARGS, ("--batch-size", "8", "--itc-escape", "0.2")):
         straight, split = tmp_path / f"straight{extra[1]}", tmp_path / f"split{extra[1]}"
         train.main(run_args(synth_dir, straight, "--steps", str(n), *extra))
 
@@ -255,12 +255,12 @@ def test_lr_schedule_warmup_then_linear_decay():
 def test_optimizer_groups_follow_the_paper(synth_dir):
     """Encoders at lr_encoder, everything else at lr_other; pools and biases are not decayed."""
     tok = Tokenizer.load(synth_dir / "tokenizer.json")
-    model = tiny_model(tok)
+    model = tiny_model(tok, learnable_temperature=True)
     cfg = train.TrainConfig(lr_encoder=1e-5, lr_other=5e-5, lr_temperature=5e-3)
     opt = train.make_optimizer(model, cfg, torch.device("cpu"))
     group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
     named = dict(model.named_parameters())
-    assert len(group_of) == len(named) and "log_scale" in named  # tiny: learnable temperature
+    assert len(group_of) == len(named) and "log_scale" in named
     for name, p in named.items():
         g = group_of[id(p)]
         lr = 1e-5 if name.startswith(("vision.", "text.")) else 5e-3 if name == "log_scale" else 5e-5
@@ -268,3 +268,40 @@ def test_optimizer_groups_follow_the_paper(synth_dir):
         if name.endswith("bias") or "prompts" in name or "norm" in name.lower() or name == "log_scale":
             assert g["weight_decay"] == 0.0, name
     assert group_of[id(model.fusion.text_layers[0].fc1.weight)]["weight_decay"] == 0.01
+
+
+@pytest.mark.parametrize("weights, passes", [((1.0, 0.5, 0.0), 2), ((0.0, 0.5, 0.1), 3), ((1.0, 0.0, 0.0), 1),
+                                             ((0.0, 0.0, 0.1), 2)])
+def test_an_objective_with_weight_zero_does_not_run(synth_dir, weights, passes):
+    """The ablations of Table 3: a zero weight removes the objective's fusion pass(es); the losses
+    that run are the full step's, the total is their weighted sum, and the other heads get no gradient."""
+    tok = Tokenizer.load(synth_dir / "tokenizer.json")
+    model = tiny_model(tok).eval()
+    batch = first_batch(synth_dir, tok, model)
+    full = train.PretrainStep(model, LossWeights())(batch)
+    calls, fuse, fuse_rows = [], model.fuse, model.fuse_text_rows
+    model.fuse = lambda *args: calls.append(1) or fuse(*args)  # the ITM and ITC passes
+    model.fuse_text_rows = lambda *args: calls.append(1) or fuse_rows(*args)  # the MLM pass
+    model.zero_grad()
+    out = train.PretrainStep(model, LossWeights(*weights))(batch)
+    out.total.backward()
+    assert len(calls) == passes
+    expected = 0.0
+    for name, w in zip(("mlm", "itm", "itc"), weights):
+        got = getattr(out.losses, name)
+        assert (got is None) == (w == 0), name
+        if got is not None:
+            torch.testing.assert_close(got, getattr(full.losses, name))
+            expected = expected + w * got
+    torch.testing.assert_close(out.total, expected)
+    assert (model.itm_head.weight.grad is None) == (weights[1] == 0)
+    assert (model.itc_image.proj.weight.grad is None) == (weights[2] == 0)
+    assert (out.textual_prompts is None) == (weights[2] == 0)
+
+
+def test_switching_itc_off_needs_no_itc_only_start():
+    with pytest.raises(SystemExit, match="--itc-warmup 0"):
+        train.TrainConfig(itc_weight=0.0).resolved()
+    assert train.TrainConfig(itc_weight=0.0, itc_warmup=0.0).resolved().itc_only_steps() == 0
+    with pytest.raises(SystemExit, match="at least one positive"):
+        train.TrainConfig(mlm_weight=0.0, itm_weight=0.0, itc_weight=0.0, itc_warmup=0.0).resolved()
