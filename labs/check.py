@@ -1,0 +1,115 @@
+"""Re-measure a lab's numbers and check them against the bands of its expected.json.
+
+    python labs/check.py 1                      # one line per number: PASS name value [lo, hi]
+    python labs/check.py 4 --seed 1             # another of the recorded seeds
+    python labs/check.py 4 --reuse              # keep the default run that runs/labs already holds
+    python labs/check.py 2 --record --seeds 0 1 2   # (maintainers) measure every seed, write expected.json
+
+Exit status 0 only when every number lies in its band. A band is the mean over the recorded seeds
++- max(3 standard deviations, the floor that the lab's measure.py states for that number).
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+
+def measure(folder: Path, seed: int) -> dict[str, float]:
+    module = common.load_module(folder / "measure.py", f"{folder.name.replace('-', '_')}_measure")
+    out = common.RUNS / folder.name / f"seed{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    values = module.run(seed, out)
+    print(f"[{folder.name}, seed {seed}: {time.time() - started:.0f} s; picture {out / module.PICTURE}]")
+    return values, module.FLOORS, time.time() - started
+
+
+def check(folder: Path, seed: int) -> bool:
+    expected = common.read_expected(folder)
+    if not expected:
+        raise SystemExit(f"{folder}/expected.json is missing: record it with --record")
+    print(f"lab {folder.name}: {duration(expected['minutes'])} on a 2-core CPU "
+          f"(measured {expected['environment']['date']}); started {time.strftime('%H:%M:%S')}, "
+          f"done around {time.strftime('%H:%M', time.localtime(time.time() + 60 * expected['minutes']))}",
+          flush=True)
+    values, _, _ = measure(folder, seed)
+    ok = True
+    for name, entry in expected["numbers"].items():
+        lo, hi = entry["band"]
+        value = values[name]
+        good = lo <= value <= hi
+        ok &= good
+        print(f"{'PASS' if good else 'FAIL'} {name} {common.fmt(value)} [{common.fmt(lo)}, {common.fmt(hi)}]")
+    return ok
+
+
+def record(folder: Path, seeds: list[int]) -> None:
+    runs, floors, seconds = [], None, []
+    for seed in seeds:
+        values, floors, took = measure(folder, seed)
+        runs.append(values)
+        seconds.append(took)
+    numbers = {name: common.expected_entry([r[name] for r in runs], seeds, floors[name]) for name in floors}
+    expected = {"lab": folder.name, "environment": common.environment(),
+                "minutes": max(seconds) / 60, "seconds_per_seed": seconds, "numbers": numbers}
+    (folder / "expected.json").write_text(json.dumps(expected, indent=1) + "\n")
+    print(f"wrote {folder / 'expected.json'}")
+
+
+BEGIN, END = "<!-- expected.json: begin -->", "<!-- expected.json: end -->"
+
+
+def duration(minutes: float) -> str:
+    return f"about {minutes * 60:.0f} s" if minutes < 1 else f"about {minutes:.1f} min"
+
+
+def expected_table(folder: Path) -> str:
+    """The handout's table of expected numbers, rendered from expected.json."""
+    expected = common.read_expected(folder)
+    env = expected["environment"]
+    lines = [f"Measured {env['date']} with torch {env['torch']}, {env['threads']} thread(s), seeds "
+             f"{', '.join(map(str, next(iter(expected['numbers'].values()))['seeds']))}; "
+             f"{duration(expected['minutes'])} per seed. `python labs/check.py {int(folder.name[:2])}` passes "
+             "when every number lies in its band (mean +- max(3 std, floor)).", "",
+             "| number | mean | std | band |", "|---|---|---|---|"]
+    for name, e in expected["numbers"].items():
+        lines.append(f"| `{name}` | {common.fmt(e['mean'])} | {common.fmt(e['std'])} | "
+                     f"[{common.fmt(e['band'][0])}, {common.fmt(e['band'][1])}] |")
+    return "\n".join(lines)
+
+
+def update_handout(folder: Path) -> None:
+    """Replace the handout's block between BEGIN and END with expected_table."""
+    path = folder / "README.md"
+    text = path.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{path} has no {BEGIN} ... {END} block")
+    head, rest = text.split(BEGIN, 1)
+    path.write_text(head + BEGIN + "\n" + expected_table(folder) + "\n" + END + rest.split(END, 1)[1])
+    print(f"updated {path}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("lab", type=int, help="lab number, e.g. 1")
+    p.add_argument("--seed", type=int, default=0, help="the seed to re-measure (one of the recorded ones)")
+    p.add_argument("--record", action="store_true", help="measure --seeds and write expected.json")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--reuse", action="store_true",
+                   help="keep a finished default pre-training in runs/labs/pretrain-seedS instead of re-running it")
+    a = p.parse_args(argv)
+    common.REUSE_PRETRAINING = a.reuse
+    folder = common.lab_folder(a.lab)
+    if a.record:
+        record(folder, a.seeds)
+        update_handout(folder)
+        return 0
+    return 0 if check(folder, a.seed) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
