@@ -27,7 +27,7 @@ import finetune
 import synth
 from checkpoint import load_pretrained
 from data import TaskDataset, Tokenizer, load_image, read_manifest, resolve_image
-from metrics import auroc, clinical_efficacy, nlg_metrics, vqa_accuracy
+from metrics import class_aurocs, clinical_efficacy, nlg_metrics, vqa_accuracy
 from zeroshot import embed_retrieval, zero_shot_classification, zero_shot_retrieval
 
 
@@ -110,11 +110,6 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, penalty: float) -> torch.nn.L
     return linear
 
 
-def class_aurocs(scores: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, float]:
-    """AUROC of each class whose labels take both values (the others have none)."""
-    return {c: auroc(scores[:, i], labels[:, i]) for i, c in enumerate(classes) if len(np.unique(labels[:, i])) == 2}
-
-
 def pixel_logistic_regression(root, image_size: int, penalties=(1e-4, 1e-3, 1e-2, 1e-1)) -> dict:
     """Image classification from raw pixels (`fit_logistic` on the standardised image_size-px grey
     values of the train split); the penalty with the best validation macro AUROC is tested once.
@@ -128,7 +123,7 @@ def pixel_logistic_regression(root, image_size: int, penalties=(1e-4, 1e-3, 1e-2
 
     def scores(linear, features, labels) -> dict[str, float]:
         with torch.no_grad():
-            return class_aurocs(linear(features).numpy(), labels.numpy(), classes)
+            return class_aurocs(linear(features).numpy(), labels.numpy(), classes)[0]
     fitted = {p: fit_logistic(x, y, p) for p in penalties}
     best = max(penalties, key=lambda p: np.mean(list(scores(fitted[p], xv, yv).values())))
     per_class = scores(fitted[best], xt, yt)

@@ -51,7 +51,7 @@ from checkpoint import (FORMAT, CheckpointError, atomic_save, dedupe_shared, loa
 from data import SkipTracker, TaskDataset, Tokenizer, locate_tokenizer, make_loader, read_meta, stratified_subset
 from generation import TextDecoder, generate, generation_memory
 from losses import itc_loss
-from metrics import accuracy, auroc, nlg_metrics, recall_at_k, vqa_accuracy
+from metrics import accuracy, class_aurocs, nlg_metrics, recall_at_k, vqa_accuracy
 from model import ClassifierHead, Encoded, PTUnifier, param_groups
 from recipes import build_model, recipe, with_defaults
 from runtime import (Runtime, adamw, any_rank, barrier, cleanup, dataclass_cli, finish_step, lr_factor, print0,
@@ -348,13 +348,7 @@ def score_ic(model, ctx, split) -> dict:
         with ctx.rt.autocast():
             scores.append(torch.sigmoid(model.outputs(batch).float()).cpu())
         labels.append(batch.labels.cpu())
-    s, y = torch.cat(scores).numpy(), torch.cat(labels).numpy()  # [N, C]
-    per_class, excluded = {}, []
-    for c, name in enumerate(ctx.names):
-        if len(np.unique(y[:, c])) < 2:
-            excluded.append(name)
-        else:
-            per_class[name] = auroc(s[:, c], y[:, c])
+    per_class, excluded = class_aurocs(torch.cat(scores).numpy(), torch.cat(labels).numpy(), ctx.names)
     if not per_class:
         raise ValueError(f"{ctx.folder} split {split!r}: no class has both label values")
     return dict(macro_auroc=float(np.mean(list(per_class.values()))), per_class=per_class,

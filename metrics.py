@@ -92,6 +92,19 @@ def macro_auroc(scores, labels) -> float:
     return float(np.mean(per_class))
 
 
+def class_aurocs(scores, labels, names: list[str]) -> tuple[dict[str, float], list[str]]:
+    """Per-class `auroc` of scores[N, C] against labels[N, C], for the classes whose labels take
+    both values: ({name: AUROC}, [names of the classes left out, which have no AUROC])."""
+    s, y = _to_numpy(scores, "scores"), _to_numpy(labels, "labels")
+    per_class, excluded = {}, []
+    for c, name in enumerate(names):
+        if np.unique(y[:, c]).size < 2:
+            excluded.append(name)
+        else:
+            per_class[name] = auroc(s[:, c], y[:, c])
+    return per_class, excluded
+
+
 def accuracy(pred, target) -> float:
     """Fraction of exact matches. pred[N] class ids, or pred[N, C] scores (argmax is taken);
     target[N] class ids."""
