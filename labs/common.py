@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
 import shutil
 import statistics
@@ -125,6 +124,3 @@ def save_figure(fig, path: Path) -> None:
     fig.savefig(path, dpi=100)
     pyplot().close(fig)
 
-
-def chance_itc(batch: int) -> float:
-    return math.log(batch)
