@@ -99,10 +99,7 @@ class Cell:
 def table4_metrics(folder: Path) -> dict:
     from checkpoint import read_checkpoint
     result = json.loads((folder / "result.json").read_text())
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    last = rows[-1]["step"]
-    metrics = {k: statistics.fmean(r[k] for r in rows if r["step"] > last - 50 and k in r)
-               for k in ("mlm", "itm", "itc")}
+    metrics = common.final_losses(common.run_log(folder))
     tensors = read_checkpoint(folder / "checkpoint.safetensors")[1]
     pool_params = sum(t.numel() for name, t in tensors.items()
                       if name.startswith(("model/visual_prompts.", "model/textual_prompts.")))

@@ -67,6 +67,18 @@ def pretrained(seed: int = 0, rerun: bool = False) -> Path:
     return out / "checkpoint.safetensors"
 
 
+def run_log(folder: Path) -> list[dict]:
+    """The rows of a pre-training run's metrics.jsonl (train.py --out FOLDER)."""
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_losses(rows: list[dict], steps: int = 50) -> dict[str, float]:
+    """The mean MLM, ITM and ITC losses over the last `steps` steps of a run's log rows."""
+    last = rows[-1]["step"]
+    return {k: statistics.fmean(r[k] for r in rows if r["step"] > last - steps and k in r)
+            for k in ("mlm", "itm", "itc")}
+
+
 # ----------------------------------------------------------------------------- numbers
 
 def band(values: list[float], floor: float) -> tuple[float, float]:

@@ -8,7 +8,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 
 import common
 
@@ -22,11 +21,10 @@ def run(seed: int, out: Path) -> dict[str, float]:
     checkpoint = common.pretrained(seed, rerun=True)
     folder = checkpoint.parent
     result = json.loads((folder / "result.json").read_text())
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    last = rows[-1]["step"]
-    final = {k: float(np.mean([r[k] for r in rows if r["step"] > last - 50 and k in r])) for k in ("mlm", "itm", "itc")}
-    vocab = json.loads((folder / "config.json").read_text())["model"]["vocab_size"]
-    batch = json.loads((folder / "config.json").read_text())["train"]["batch_size"]
+    rows = common.run_log(folder)
+    final = common.final_losses(rows)
+    config = json.loads((folder / "config.json").read_text())
+    vocab, batch = config["model"]["vocab_size"], config["train"]["batch_size"]
     values = {k: result[k] for k in ("i2t_r1", "t2i_r1", "i2t_r10", "t2i_r10")}
     values.update(mlm_final=final["mlm"], itm_final=final["itm"], itc_final=final["itc"],
                   itc_only_steps=float(result["itc_only_steps"]),
