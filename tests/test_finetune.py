@@ -225,13 +225,14 @@ def test_two_process_ddp_fine_tuning_uses_global_negatives(bench, tmp_path):
     """torchrun with 2 gloo processes fine-tunes retrieval; rank 0 alone reports and writes.
 
     Global batch 8 = 2 ranks x 4: at the start, with unaligned embeddings, ITC over the gathered
-    batch is near ln 8 = 2.08; a per-rank loss would be near ln 4 = 1.39.
+    batch is near ln 8 = 2.08; a per-rank loss would be near ln 4 = 1.39. The rates are ~0, so
+    that both steps' losses are the starting one whatever the recipe's rates are.
     """
     root, _ = bench
     out = tmp_path / "ddp"
     args = ["--task", "retrieval", "--data", str(root / "retrieval"), "--init", str(root / "pre.safetensors"),
             "--out", str(out), "--epochs", "1", "--batch-size", "8", "--max-steps-per-epoch", "2",
-            "--eval-batch", "32", "--workers", "0"]
+            "--eval-batch", "32", "--workers", "0", "--lr-backbone", "1e-9", "--lr-task", "1e-9"]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                            "--standalone", str(ROOT / "finetune.py"), *args],
                           cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
