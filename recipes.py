@@ -36,6 +36,7 @@ PAPER_FINETUNE_LR = dict(lr_backbone=5e-6, lr_task=2.5e-4)  # paper 5.2: backbon
 # 64.5 after 10; docs/NOTES.md). Retrieval continues ITC: it learns at the pre-training rates, not
 # these (test R@1 21.3 / 22.7% after 12 epochs, against 16.2 / 15.9% at these rates).
 TINY_FINETUNE_LR = dict(lr_backbone=2e-4, lr_task=5e-4)
+TINY_PRETRAIN_LR = dict(lr_encoder=5e-4, lr_other=7e-4)  # the encoders / the rest
 
 RECIPES = {
     "base": Recipe(
@@ -74,7 +75,7 @@ RECIPES = {
         # ITC alone for the first 45% of the steps ("align before fuse"), then all three objectives
         # at the official weights; the rates hold at their peak until 70% of the steps, so that ITM
         # still learns after it joins; the fusion, pools and heads at 7e-4, the encoders at 5e-4.
-        pretrain=dict(steps=560, batch_size=64, lr_encoder=5e-4, lr_other=7e-4, warmup=0.05,
+        pretrain=dict(steps=560, batch_size=64, **TINY_PRETRAIN_LR, warmup=0.05,
                       decay_from=0.7, text_unit="text", itc_warmup=0.45, itc_escape=0.0,
                       cache_images=True),
         finetune={"ic": dict(epochs=6, batch_size=64, **TINY_FINETUNE_LR),
@@ -82,7 +83,8 @@ RECIPES = {
                   "vqa": dict(epochs=6, batch_size=64, **TINY_FINETUNE_LR),
                   "ts": dict(epochs=10, batch_size=64, no_repeat_ngram=3, **TINY_FINETUNE_LR),
                   "itg": dict(epochs=15, batch_size=64, **TINY_FINETUNE_LR),
-                  "retrieval": dict(epochs=12, batch_size=64, lr_backbone=5e-4, lr_task=7e-4)},
+                  "retrieval": dict(epochs=12, batch_size=64, lr_backbone=TINY_PRETRAIN_LR["lr_encoder"],
+                                    lr_task=TINY_PRETRAIN_LR["lr_other"])},
     ),
 }
 
