@@ -84,12 +84,10 @@ def macro_auroc(scores, labels) -> float:
     y = _to_numpy(labels, "labels")
     if s.ndim != 2 or s.shape != y.shape:
         raise ValueError(f"metrics.py macro_auroc: expected scores and labels [N, C], got {s.shape}, {y.shape}")
-    per_class = []
-    for c in range(s.shape[1]):
-        if np.unique(y[:, c]).size < 2:
-            raise ValueError(f"metrics.py macro_auroc: class {c} has a single label value; AUROC is undefined")
-        per_class.append(auroc(s[:, c], y[:, c]))
-    return float(np.mean(per_class))
+    per_class, excluded = class_aurocs(s, y, list(range(s.shape[1])))
+    if excluded:
+        raise ValueError(f"metrics.py macro_auroc: class {excluded[0]} has a single label value; AUROC is undefined")
+    return float(np.mean(list(per_class.values())))
 
 
 def class_aurocs(scores, labels, names: list[str]) -> tuple[dict[str, float], list[str]]:
