@@ -233,18 +233,21 @@ class UnreadableImage(OSError):
     """An image file is missing, empty, corrupt, truncated or too large; message names it."""
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB. 16/32-bit integer and float images are scaled by their max."""
+def _to_rgb(im: Image.Image, keep_grey: bool = False) -> Image.Image:
+    """Any PIL mode -> RGB (8-bit grey stays "L" with `keep_grey`). 16/32-bit integer and float
+    images are scaled by their max."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(im, dtype=np.float64)
         peak = arr.max()
         arr = np.clip(arr, 0, None) * (255.0 / peak) if peak > 0 else np.zeros_like(arr)
         im = Image.fromarray(np.round(arr).astype(np.uint8))
-    return im.convert("RGB")
+    return im if keep_grey and im.mode == "L" else im.convert("RGB")
 
 
-def load_image(path) -> Image.Image:
-    """Decode `path` fully into an RGB PIL image; raise UnreadableImage naming the path."""
+def load_image(path, keep_grey: bool = False) -> Image.Image:
+    """Decode `path` fully into an RGB PIL image; raise UnreadableImage naming the path.
+    keep_grey: a grey image stays one channel ("L"), which image_to_tensor turns into the same
+    tensor as its RGB copy for a third of the resizing work (radiographs are grey)."""
     path = Path(path)
     if not path.is_file():
         raise UnreadableImage(f"{path}: image file is missing")
@@ -255,7 +258,7 @@ def load_image(path) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 im.load()
-                return _to_rgb(im)
+                return _to_rgb(im, keep_grey)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
         raise UnreadableImage(f"{path}: refused, more than {MAX_IMAGE_PIXELS} pixels ({e})") from None
     except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for corrupt/truncated files
@@ -287,7 +290,7 @@ def _random_crop_box(width: int, height: int, gen: torch.Generator | None = None
 
 def image_to_tensor(im: Image.Image, size: int, train: bool,
                     gen: torch.Generator | None = None) -> torch.Tensor:
-    """RGB PIL image -> normalised float tensor [3, size, size].
+    """RGB (or grey "L") PIL image -> normalised float tensor [3, size, size].
 
     eval: resize the shorter side to `size` (bicubic) then centre-crop;
     train: random-resized crop (scale 0.8-1.0, ratio 3/4-4/3) resized to size x size.
@@ -301,7 +304,9 @@ def image_to_tensor(im: Image.Image, size: int, train: bool,
         im = im.resize(new, Image.BICUBIC)
         left, top = (im.width - size) // 2, (im.height - size) // 2
         im = im.crop((left, top, left + size, top + size))
-    arr = np.asarray(im, dtype=np.float32) / 255.0  # (H, W, 3)
+    arr = np.asarray(im, dtype=np.float32) / 255.0  # (H, W, 3), or (H, W) grey
+    if arr.ndim == 2:
+        arr = arr[..., None]  # (H, W, 1): grey broadcasts to the three channels below
     arr = (arr - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
     return torch.from_numpy(arr.transpose(2, 0, 1).copy())  # (H, W, 3) -> (3, H, W)
 
@@ -665,7 +670,7 @@ class _ImageDataset(torch.utils.data.Dataset):
         try:
             image = self.decoded.get(path) if self.decoded is not None else None
             if image is None:
-                image = load_image(path)
+                image = load_image(path, keep_grey=True)
                 if self.decoded is not None:
                     self.decoded[path] = image
             return image_to_tensor(image, self.image_size, self.train, gen), None

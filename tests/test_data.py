@@ -116,6 +116,21 @@ def test_every_mode_becomes_rgb_and_16_bit_is_scaled_by_max(tmp_path):
         assert np.abs(got - expected).max() <= 1, name
 
 
+def test_a_grey_image_kept_grey_gives_the_tensor_of_its_rgb_copy(tmp_path):
+    """load_image(keep_grey=True) keeps "L" (a third of the resizing work); image_to_tensor must
+    return exactly what the RGB copy gives, in eval and in train with the same crop draw."""
+    _modes(tmp_path)
+    for name in ("L.png", "I16.png"):
+        grey, rgb = data.load_image(tmp_path / name, keep_grey=True), data.load_image(tmp_path / name)
+        assert grey.mode == "L" and rgb.mode == "RGB"
+        assert torch.equal(data.image_to_tensor(grey, 32, train=False), data.image_to_tensor(rgb, 32, train=False))
+        for seed in range(5):
+            a = data.image_to_tensor(grey, 24, True, torch.Generator().manual_seed(seed))
+            b = data.image_to_tensor(rgb, 24, True, torch.Generator().manual_seed(seed))
+            assert torch.equal(a, b)
+    assert data.load_image(tmp_path / "RGBA.png", keep_grey=True).mode == "RGB"
+
+
 def test_image_to_tensor_eval_and_train(tmp_path):
     im = Image.fromarray(np.full((50, 80, 3), 128, np.uint8))
     x = data.image_to_tensor(im, 32, train=False)
