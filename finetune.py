@@ -475,7 +475,7 @@ class FinetuneRun:
     task: Task
     meta: dict                 # the task folder's meta.json
     model: FinetuneModel
-    runner: nn.Module          # the model, wrapped by DDP under torchrun
+    runner: nn.Module | None   # the model, wrapped by DDP under torchrun (None once torn down)
     optimizer: torch.optim.AdamW
     scaler: torch.amp.GradScaler
     loader: torch.utils.data.DataLoader
@@ -607,6 +607,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
                 save_finetuned(Path(cfg.out) / "best.safetensors", run.model, run.ctx.names, epoch, val, cfg)
         barrier(rt)
     result = test_best(run, best, history, started) if rt.master else {}
+    run.runner = None  # the DDP wrapper goes before its process group (runtime.cleanup)
     cleanup(rt)
     return result
 

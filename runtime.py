@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import inspect
 import os
 import random
@@ -104,7 +105,11 @@ def barrier(rt: Runtime) -> None:
 
 
 def cleanup(rt: Runtime) -> None:
+    """Destroy the process group. Drop every DDP wrapper first: DDP is a reference cycle that holds
+    the group, so it would otherwise be freed by a later garbage collection, possibly while the
+    interpreter shuts down, where tearing down gloo's threads can abort the process."""
     if rt.world > 1 and dist.is_initialized():
+        gc.collect()  # the dropped wrappers, while the group and the interpreter are still whole
         dist.barrier()  # no rank tears the group down while another still talks to it
         dist.destroy_process_group()
 

@@ -232,7 +232,7 @@ class Run:
     rt: Runtime
     tokenizer: Tokenizer
     model: PTUnifier
-    runner: nn.Module          # the PretrainStep, wrapped by DDP / torch.compile when asked
+    runner: nn.Module | None   # the PretrainStep, wrapped by DDP / torch.compile when asked (None once torn down)
     optimizer: torch.optim.AdamW
     scaler: torch.amp.GradScaler
     batches: object            # endless iterator of micro-batches (micro_batches)
@@ -468,12 +468,14 @@ def train(cfg: TrainConfig) -> dict:
                 bar.close()
                 print0(rt, f"stopped by {stop.received or 'a signal on another rank'} at step {step}; "
                            f"checkpoint saved; continue with --resume")
+                run.runner = None  # the DDP wrapper goes before its process group (runtime.cleanup)
                 cleanup(rt)
                 return dict(stopped=True, step=step)
             if step % cfg.save_every == 0 or step == cfg.steps:
                 save(run)
         bar.close()
         result = finish_run(run)
+        run.runner = None
         cleanup(rt)
         return result
     finally:

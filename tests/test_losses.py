@@ -2,6 +2,7 @@
 tensors, the no-process-group path, and a 2-process gloo DDP run that must reproduce the
 single-process ITC loss and parameter gradients on the concatenated batch (with and without
 model.GlobalBatchNorm on the embeddings, whose running statistics must match too)."""
+import gc
 import math
 import os
 import socket
@@ -183,25 +184,35 @@ def loss_and_grads(model, images, texts):
     return loss.detach(), grads, {name: b.clone() for name, b in unwrapped.named_buffers()}
 
 
+def ddp_results(rank):
+    """This rank's loss, gradients and buffers for every case, each under a fresh DDP model."""
+    images, texts = full_batch()
+    results = {}
+    for batch_norm in (False, True):
+        model = DistributedDataParallel(TinyDualEncoder(batch_norm).double())
+        for split, sizes in SPLITS.items():
+            start = sum(sizes[:rank])
+            local = slice(start, start + sizes[rank])
+            loss, grads, buffers = loss_and_grads(model, images[local], texts[local])
+            key = f"{split}/bn={batch_norm}"
+            results[f"{key}/loss"] = loss
+            results.update({f"{key}/grad/{name}": g for name, g in grads.items()})
+            results.update({f"{key}/buffer/{name}": b for name, b in buffers.items()})
+    return results
+
+
 def ddp_worker(rank, world_size, port, out_dir):
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=60))
     try:
-        images, texts = full_batch()
-        results = {}
-        for batch_norm in (False, True):
-            model = DistributedDataParallel(TinyDualEncoder(batch_norm).double())
-            for split, sizes in SPLITS.items():
-                start = sum(sizes[:rank])
-                local = slice(start, start + sizes[rank])
-                loss, grads, buffers = loss_and_grads(model, images[local], texts[local])
-                key = f"{split}/bn={batch_norm}"
-                results[f"{key}/loss"] = loss
-                results.update({f"{key}/grad/{name}": g for name, g in grads.items()})
-                results.update({f"{key}/buffer/{name}": b for name, b in buffers.items()})
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(ddp_results(rank), os.path.join(out_dir, f"rank{rank}.pt"))
+        # The DDP models are garbage now, but reference cycles that hold the process group: left
+        # to the interpreter's shutdown, tearing down gloo's threads there aborted rank 1 once in
+        # CI (SIGABRT, "terminate called without an active exception"). runtime.cleanup, which
+        # the training scripts call, frees them the same way.
+        gc.collect()
         dist.barrier()  # no rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
