@@ -8,6 +8,7 @@ Shared CPU machines are noisy: read ratios, not absolute times, and rerun when i
     python bench.py step     --preset base --device cuda --batch 32   # GPU target: >= 40% MFU, < 40 GB
     python bench.py reuse    --preset tiny                 # encoder-output reuse vs naive step (>= 1.3x)
     python bench.py compile  --preset tiny                 # eager vs torch.compile
+    python bench.py packing  --preset tiny                 # padded texts: pads skipped vs computed
     python bench.py data     --preset tiny --workers 0 1 2 # loader samples/s vs step samples/s
     python bench.py flops    --preset base --batch 32      # analytic FLOPs only, no timing
     python bench.py encoders                               # our ViT / text encoder vs transformers
@@ -15,7 +16,10 @@ Shared CPU machines are noisy: read ratios, not absolute times, and rerun when i
 A "step" is what train.py does per optimisation step without accumulation: forward of
 train.PretrainStep (four fusion passes, bf16 autocast on CUDA as in train.py), backward, gradient
 clipping, AdamW (train.make_optimizer). Inputs are a synthetic batch of full-length texts (no
-padding) with exactly round(0.15 * B * L) masked positions, so the analytic count is exact.
+padding) with exactly round(0.15 * B * L) masked positions, so the analytic count is exact;
+`packing` pads every other text (--pad-fraction of the batch's positions are pads, about 0.4 in
+the synthetic benchmark, where impressions are padded to the findings' length) and times the step
+with the pads skipped (model.Packing) against every position computed, pads masked as keys.
 
 FLOP convention (`step_flops`): a multiply-add is 2 FLOPs. Counted: every matmul (Linear and the
 patch convolution or conv stem, 2 x weight entries per output position, i.e. 6 x parameters x
@@ -46,6 +50,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -53,7 +58,7 @@ import train
 from data import Batch, PretrainDataset, Tokenizer, itm_pairs, make_train_stream
 from losses import LossWeights
 from hf import config_from_hf, load_hf_encoders
-from model import Config, PTUnifier
+from model import Config, Packing, PTUnifier, key_padding_mask
 from recipes import RECIPES
 
 RESULTS = Path("bench_results")
@@ -281,20 +286,29 @@ def model_config(args) -> Config:
     return dataclasses.replace(RECIPES[args.preset].model, **over)
 
 
-def synthetic_batch(cfg: Config, batch: int, text_len: int, seed: int = 0) -> Batch:
+def synthetic_batch(cfg: Config, batch: int, text_len: int, seed: int = 0, pad_fraction: float = 0.0) -> Batch:
     """A pre-training Batch of random pixels and full-length random texts (no padding), with
-    exactly round(0.15 * B * L) masked positions (what step_flops assumes) and ITM negatives."""
+    exactly round(0.15 * B * L) masked positions (what step_flops assumes) and ITM negatives.
+    pad_fraction > 0: every other text is cut short so that this fraction of the positions are
+    pads (at most 0.5); the masked positions are then drawn among the real ones."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, cfg.vocab_size, (batch, text_len), generator=gen)  # [B, L]
-    n_masked = round(0.15 * batch * text_len)
-    where = torch.randperm(batch * text_len, generator=gen)[:n_masked]
+    short = text_len - round(2 * pad_fraction * text_len)
+    if not 1 <= short <= text_len:
+        raise SystemExit(f"--pad-fraction {pad_fraction}: expected 0 <= it < 0.5")
+    mask = torch.ones_like(ids)
+    mask[1::2, short:] = 0  # [B, L]
+    ids = ids.masked_fill(mask == 0, cfg.pad_token_id)
+    real = mask.flatten().nonzero().squeeze(1)
+    n_masked = round(0.15 * len(real))
+    where = real[torch.randperm(len(real), generator=gen)[:n_masked]]
     labels = torch.full((batch * text_len,), -100, dtype=torch.long)
     labels[where] = ids.flatten()[where]
     labels = labels.view(batch, text_len)  # [B, L]
     itm_index, itm_labels = itm_pairs(batch, gen)
     return Batch(ids=[str(i) for i in range(batch)],
                  pixel_values=torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=gen),
-                 input_ids=ids, attention_mask=torch.ones_like(ids),
+                 input_ids=ids, attention_mask=mask,
                  mlm_input_ids=ids.masked_fill(labels != -100, 4), mlm_labels=labels,
                  itm_image_index=itm_index, itm_labels=itm_labels)
 
@@ -312,7 +326,7 @@ def build_setup(args) -> Setup:
     tcfg = train.TrainConfig(preset=args.preset).resolved()
     optimizer = train.make_optimizer(model, tcfg, device)
     text_len = args.text_len or cfg.max_text_len
-    batch = synthetic_batch(cfg, args.batch, text_len).to(device)
+    batch = synthetic_batch(cfg, args.batch, text_len, pad_fraction=args.pad_fraction).to(device)
     return Setup(cfg, model, optimizer, batch, device, amp, text_len)
 
 
@@ -412,6 +426,36 @@ def bench_reuse(args) -> dict:
             "speed_ratio_naive_over_reuse": ratio, "flop_ratio_naive_over_reuse": flop_ratio,
             "target": ">= 1.3x at the tiny preset on CPU", "peak_flops": peak,
             "peak_source": peak_source, "times_s": times, "process_peak_rss_gb": rss_gb()}
+
+
+def every_position(mask):
+    """A Packing that keeps every position: the padded computation (pads masked as keys only)."""
+    key_mask = key_padding_mask(mask)
+    return None if key_mask is None else Packing(torch.arange(mask.numel(), device=mask.device),
+                                                 tuple(mask.shape), key_mask)
+
+
+def bench_packing(args) -> dict:
+    args.pad_fraction = args.pad_fraction or 0.4
+    s = build_setup(args)
+    module = train.PretrainStep(s.model, LossWeights(), reuse=True)
+
+    def padded_fn(run):
+        def padded():
+            with mock.patch.object(Packing, "of", staticmethod(every_position)):
+                run()
+        return padded
+    losses = {"packed": losses_of(s, module)}
+    with mock.patch.object(Packing, "of", staticmethod(every_position)):
+        losses["padded"] = losses_of(s, module)
+    max_diff = max(abs(losses["packed"][k] - losses["padded"][k]) for k in losses["packed"])
+    times = interleaved({"packed": step_fn(s, module), "padded": padded_fn(step_fn(s, module))},
+                        args.repeats, args.warmup, s.device)
+    rows = [variant_row(s, f"{name}, {args.pad_fraction:.0%} pads", times[name],
+                        step_flops(s.cfg, args.batch, s.text_len), None, module) for name in times]
+    ratio = statistics.median(p / q for p, q in zip(times["padded"], times["packed"]))
+    return {"rows": rows, "losses": losses, "max_loss_diff": max_diff,
+            "speed_ratio_padded_over_packed": ratio, "times_s": times}
 
 
 def bench_compile(args) -> dict:
@@ -591,7 +635,7 @@ COLUMNS = {  # command -> (key, header, format) of its table
     "flops": [("component", "component", "<16"), ("reuse_tflop", "reuse TFLOP", ">12.4f"),
               ("naive_tflop", "naive TFLOP", ">12.4f"), ("reuse_share", "share", ">7.1%")],
 }
-COLUMNS["reuse"] = COLUMNS["compile"] = COLUMNS["step"]
+COLUMNS["reuse"] = COLUMNS["compile"] = COLUMNS["packing"] = COLUMNS["step"]
 
 
 def print_rows(rows: list[dict], columns) -> None:
@@ -628,6 +672,9 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=0,
                    help="pairs per step (0: 64 for tiny, 32 for base); lower it if out of memory")
     p.add_argument("--text-len", type=int, default=0, help="tokens per text (0: preset max_text_len)")
+    p.add_argument("--pad-fraction", type=float, default=0.0,
+                   help="share of the batch's text positions that are pads (every other text cut "
+                        "short; packing: 0 means 0.4, about the synthetic benchmark's)")
     p.add_argument("--image-size", type=int, default=0, help="image side (0: the preset's)")
     p.add_argument("--layers", type=int, default=0,
                    help="set every stack (ViT, text, fusion) to this depth for quick sanity runs "
@@ -651,7 +698,8 @@ def main(argv=None) -> None:
              "reuse": "step reusing encoder outputs vs the naive step: losses and speed",
              "compile": "eager vs torch.compile of the step",
              "data": "training loader samples/s (0/1/2 workers) vs what a step consumes",
-             "flops": "analytic FLOPs per component (no timing)"}
+             "flops": "analytic FLOPs per component (no timing)",
+             "packing": "padded texts: step with the pads skipped vs every position computed"}
     for name, text in helps.items():
         add_common(sub.add_parser(name, help=text))
     data = sub.choices["data"]
@@ -681,11 +729,12 @@ def main(argv=None) -> None:
         return
     args.batch = args.batch or (64 if args.preset == "tiny" else 32)
     run = {"step": bench_step, "reuse": bench_reuse, "compile": bench_compile,
-           "data": bench_data, "flops": bench_flops}[args.command]
+           "data": bench_data, "flops": bench_flops, "packing": bench_packing}[args.command]
     result = run(args)
     result["settings"] = vars(args)
     print_rows(result["rows"], COLUMNS[args.command])
     for key in ("max_loss_diff", "speed_ratio_naive_over_reuse", "flop_ratio_naive_over_reuse",
+                "speed_ratio_padded_over_packed",
                 "compile_s", "speed_ratio_eager_over_compiled", "peak_source", "error"):
         if key in result:
             print(f"{key}: {result[key]}")

@@ -167,6 +167,51 @@ def key_padding_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     return mask.bool()[:, None, None, :]  # [B, 1, 1, L]
 
 
+@dataclass
+class Packing:
+    """Where the real tokens of a padded text batch are, so that position-wise layers (the
+    linear maps, the FFN, LayerNorm) skip the pads: x [B, L, D] <-> packed [T, D], T real tokens.
+    Only attention needs the padded layout; the packed rows are unpacked around it. About 40% of
+    a synthetic-benchmark batch's positions are pads (impressions padded to the findings' length).
+    Pad positions come back as zeros: nothing reads them (attention masks them as keys, pooling
+    averages real tokens only)."""
+
+    index: torch.Tensor  # long [T] the flat positions of the real tokens in B * L
+    shape: tuple[int, int]  # (B, L)
+    key_mask: torch.Tensor  # bool [B, 1, 1, L] for SDPA (True = attend)
+
+    @staticmethod
+    def of(mask: torch.Tensor | None) -> "Packing | None":
+        """mask [B, L] (1 = real) -> its Packing, or None when every token is real (one sync)."""
+        if mask is None:
+            return None
+        index = mask.flatten().nonzero().squeeze(1)  # [T]
+        if len(index) == mask.numel():
+            return None
+        return Packing(index, tuple(mask.shape), mask.bool()[:, None, None, :])
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L, D] -> [T, D] (index_select: a deterministic backward)."""
+        return x.flatten(0, 1).index_select(0, self.index)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, D] -> [B, L, D], zeros at the pads."""
+        B, L = self.shape
+        return x.new_zeros(B * L, x.shape[-1]).index_copy(0, self.index, x).view(B, L, -1)
+
+
+def pack(x: torch.Tensor, packing: Packing | None) -> torch.Tensor:
+    return x if packing is None else packing.pack(x)
+
+
+def unpack(x: torch.Tensor, packing: Packing | None) -> torch.Tensor:
+    return x if packing is None else packing.unpack(x)
+
+
+def key_mask(packing: Packing | None) -> torch.Tensor | None:
+    return None if packing is None else packing.key_mask
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """x [B, L, D], mask [B, L] (1 = real) -> mean over real tokens [B, D]."""
     weight = mask.to(x.dtype).unsqueeze(-1)  # [B, L, 1]
@@ -192,11 +237,12 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.out = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, mask=None) -> torch.Tensor:
-        """x [B, L, D], mask bool broadcastable to [B, h, L, L] or None -> [B, L, D]."""
-        q, k, v = self.qkv(x).chunk(3, dim=-1)  # 3 x [B, L, D]
+    def forward(self, x: torch.Tensor, mask=None, packing: Packing | None = None) -> torch.Tensor:
+        """x [B, L, D], mask bool broadcastable to [B, h, L, L] or None -> [B, L, D].
+        With `packing`, x is packed [T, D] (mask: packing.key_mask) -> [T, D]."""
+        q, k, v = unpack(self.qkv(x), packing).chunk(3, dim=-1)  # 3 x [B, L, D]
         p = self.dropout if self.training else 0.0
-        return self.out(attend(q, k, v, self.heads, mask, p))
+        return self.out(pack(attend(q, k, v, self.heads, mask, p), packing))
 
 
 class CrossAttention(nn.Module):
@@ -209,18 +255,20 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(width, 2 * width)
         self.out = nn.Linear(width, width)
 
-    def forward(self, x, other, other_mask=None, example=None) -> torch.Tensor:
+    def forward(self, x, other, other_mask=None, example=None, packing: Packing | None = None,
+                other_packing: Packing | None = None) -> torch.Tensor:
         """x [B, Lq, D], other [B, Lk, D], other_mask bool [B, 1, 1, Lk] or None -> [B, Lq, D].
 
         example (long [M]): x is [M, 1, D], M single rows, and row m attends to other[example[m]]
         (keys and values are projected once per example, then gathered) -> [M, 1, D].
+        packing / other_packing: x / other are packed ([T, D], Packing); the output is as x.
         """
-        k, v = self.kv(other).chunk(2, dim=-1)  # 2 x [B, Lk, D]
+        k, v = unpack(self.kv(other), other_packing).chunk(2, dim=-1)  # 2 x [B, Lk, D]
         if example is not None:
             k, v = k.index_select(0, example), v.index_select(0, example)  # 2 x [M, Lk, D]
             other_mask = None if other_mask is None else other_mask.index_select(0, example)
         p = self.dropout if self.training else 0.0
-        return self.out(attend(self.q(x), k, v, self.heads, other_mask, p))
+        return self.out(pack(attend(unpack(self.q(x), packing), k, v, self.heads, other_mask, p), packing))
 
 
 class QuickGELU(nn.Module):
@@ -265,9 +313,9 @@ class TextLayer(nn.Module):
         self.ln2 = nn.LayerNorm(width, eps=eps)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, attn_mask=None):
-        """x [B, L, D] -> [B, L, D]."""
-        x = self.ln1(x + self.drop(self.attn(x, attn_mask)))
+    def forward(self, x, attn_mask=None, packing: Packing | None = None):
+        """x [B, L, D] -> [B, L, D]; with `packing`, x packed [T, D] -> [T, D]."""
+        x = self.ln1(x + self.drop(self.attn(x, attn_mask, packing)))
         return self.ln2(x + self.drop(self.fc2(F.gelu(self.fc1(x)))))
 
 
@@ -290,19 +338,21 @@ class CrossLayer(nn.Module):
         self.ln3 = nn.LayerNorm(H, eps=eps)
         self.drop = nn.Dropout(p)
 
-    def forward(self, x, x_mask, other, other_mask, rows=None):
+    def forward(self, x, x_mask, other, other_mask, rows=None, packing: Packing | None = None,
+                other_packing: Packing | None = None):
         """x [B, Lx, H], other [B, Lo, H]; masks bool [B, 1, 1, L] or None -> [B, Lx, H].
+        packing / other_packing: x / other are packed ([T, H], Packing); the output is as x.
 
         rows (bool [B, Lx]): only these positions are wanted -> [M, H], M = rows.sum(). The
         self-attention still reads every position; the cross-attention queries and the FFN run on
         the M rows alone (each attending to its own example's other stream).
         """
-        x = self.ln1(x + self.drop(self.self_attn(x, x_mask)))
+        x = self.ln1(x + self.drop(self.self_attn(x, x_mask, packing)))
         example = None
         if rows is not None:
             example = rows.nonzero()[:, 0]  # [M] the example of each wanted row
-            x = x[rows][:, None]  # [M, 1, H]
-        x = self.ln2(x + self.drop(self.cross_attn(x, other, other_mask, example)))
+            x, packing = unpack(x, packing)[rows][:, None], None  # [M, 1, H]
+        x = self.ln2(x + self.drop(self.cross_attn(x, other, other_mask, example, packing, other_packing)))
         x = self.ln3(x + self.drop(self.fc2(F.gelu(self.fc1(x)))))
         return x if rows is None else x[:, 0]
 
@@ -460,12 +510,13 @@ class TextEncoder(nn.Module):
         return self.ln_embed(x + self.token_type_embeddings(token_type_ids))
 
     def run_layers(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Embedded tokens [B, L, Dt], mask [B, L] -> states [B, L, Dt]."""
-        attn_mask = key_padding_mask(mask)
-        x = self.drop(x)
+        """Embedded tokens [B, L, Dt], mask [B, L] -> states [B, L, Dt] (zeros at the pads); the
+        layers run on the real tokens only (Packing)."""
+        packing = Packing.of(mask)
+        x = pack(self.drop(x), packing)  # [T, Dt] or [B, L, Dt]
         for layer in self.layers:
-            x = layer(x, attn_mask)
-        return x
+            x = layer(x, key_mask(packing), packing)
+        return unpack(x, packing)
 
     def forward(self, input_ids, attention_mask, token_type_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [B, L], mask [B, L] -> (states [B, L, Dt], text query [B, Dt]).
@@ -518,29 +569,36 @@ class Fusion(nn.Module):
             return x[:, 0]
         return x.mean(dim=1) if mask is None else masked_mean(x, mask)
 
-    def streams(self, text_states, image_states):
-        """Both encoders' outputs projected to width H, plus their modality-type embeddings."""
-        return (self.text_proj(text_states) + self.modality_type.weight[0],  # [B, Lt, H]
-                self.image_proj(image_states) + self.modality_type.weight[1])  # [B, Li, H]
+    def streams(self, text_states, image_states, packing: Packing | None):
+        """Both encoders' outputs projected to width H, plus their modality-type embeddings: the
+        text stream packed ([T, H], when `packing`) or [B, Lt, H], the image stream [B, Li, H]."""
+        return (self.text_proj(pack(text_states, packing)) + self.modality_type.weight[0],
+                self.image_proj(image_states) + self.modality_type.weight[1])
+
+    def layer_pair(self, text_layer, image_layer, t, v, packing: Packing | None):
+        """One co-attention layer of both streams (the text stream packed when `packing`)."""
+        return (text_layer(t, key_mask(packing), v, None, packing=packing),
+                image_layer(v, None, t, key_mask(packing), other_packing=packing))
 
     def text_rows(self, text_states, text_mask, image_states, rows):
         """The fused text stream at the positions `rows` (bool [B, Lt]) only -> [M, H]: what MLM
         reads. Every layer but the last runs in full; the last runs the text stream's wanted rows
         (CrossLayer rows) and not the image stream, whose last output nothing reads."""
-        t, v = self.streams(text_states, image_states)
-        t_mask = key_padding_mask(text_mask)
+        packing = Packing.of(text_mask)
+        t, v = self.streams(text_states, image_states, packing)
         *before, last = list(zip(self.text_layers, self.image_layers))
         for text_layer, image_layer in before:
-            t, v = text_layer(t, t_mask, v, None), image_layer(v, None, t, t_mask)
-        return last[0](t, t_mask, v, None, rows)
+            t, v = self.layer_pair(text_layer, image_layer, t, v, packing)
+        return last[0](t, key_mask(packing), v, None, rows, packing)
 
     def forward(self, text_states, text_mask, image_states):
         """text [B, Lt, Dt], text_mask [B, Lt], image [B, Li, Dv]
-        -> (text [B, Lt, H], image [B, Li, H], joint [B, 2H])."""
-        t, v = self.streams(text_states, image_states)
-        t_mask = key_padding_mask(text_mask)
+        -> (text [B, Lt, H] (zeros at the pads), image [B, Li, H], joint [B, 2H])."""
+        packing = Packing.of(text_mask)
+        t, v = self.streams(text_states, image_states, packing)
         for text_layer, image_layer in zip(self.text_layers, self.image_layers):
-            t, v = text_layer(t, t_mask, v, None), image_layer(v, None, t, t_mask)
+            t, v = self.layer_pair(text_layer, image_layer, t, v, packing)
+        t = unpack(t, packing)
         pooled_text = torch.tanh(self.text_pooler(self.pool(t, text_mask)))  # [B, H]
         pooled_image = torch.tanh(self.image_pooler(self.pool(v, None)))  # [B, H]
         return t, v, torch.cat([pooled_text, pooled_image], dim=-1)  # joint [B, 2H]
@@ -751,7 +809,7 @@ class PTUnifier(nn.Module):
         return FusionOutput(t, v, text.mask, joint, text.prompt_indices, image.prompt_indices)
 
     def fuse_text_rows(self, image: Encoded, text: Encoded, rows: torch.Tensor) -> torch.Tensor:
-        """The fused text stream of a pair at the positions `rows` (bool [B, Lt]) only -> [M, H]
+        """The fused text stream of a pair at the real positions `rows` (bool [B, Lt]) only -> [M, H]
         (the MLM pass, Eq. 5-6: its head reads the masked positions and nothing else); equal to
         fuse(text, image).text[rows], for less work (Fusion.text_rows)."""
         return self.fusion.text_rows(text.states, text.mask, image.states, rows)

@@ -196,6 +196,29 @@ def test_padding_content_does_not_change_real_outputs():
         assert torch.allclose(a.joint, b.joint, atol=1e-6)
 
 
+def test_a_padded_batch_equals_each_text_alone():
+    """The text encoder and the fusion skip the pads (model.Packing): every text of a padded batch
+    gets the states, fused stream and joint feature it gets alone, unpadded; pads come back as
+    zeros. Gradients reach the same parameters either way."""
+    torch.manual_seed(3)
+    model = PTUnifier(dataclasses.replace(RECIPES["tiny"].model, fusion_layers=2)).eval()
+    pixels = torch.randn(3, 3, 64, 64)
+    lengths = [9, 4, 6]
+    ids = torch.randint(5, 4096, (3, 9))
+    mask = (torch.arange(9) < torch.tensor(lengths)[:, None]).long()
+    batch = model(pixel_values=pixels, input_ids=ids, attention_mask=mask)
+    states = model.encode_text(ids, mask).states
+    for i, n in enumerate(lengths):
+        alone = model(pixel_values=pixels[i:i + 1], input_ids=ids[i:i + 1, :n])
+        torch.testing.assert_close(states[i, :n], model.encode_text(ids[i:i + 1, :n], mask[i:i + 1, :n]).states[0])
+        torch.testing.assert_close(batch.text[i, :n], alone.text[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(batch.image[i], alone.image[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(batch.joint[i], alone.joint[0], rtol=1e-5, atol=1e-5)
+        assert not states[i, n:].any() and not batch.text[i, n:].any()
+    batch.joint.sum().backward()
+    assert all(p.grad is not None for p in model.text.parameters())
+
+
 def base_reduced() -> Config:
     return dataclasses.replace(RECIPES["base"].model, vision_layers=1, text_layers=1, fusion_layers=1)
 
@@ -552,7 +575,7 @@ def test_fusing_only_the_masked_text_rows_equals_the_full_pass():
         ids = torch.randint(5, 4096, (3, 9))
         mask = torch.ones_like(ids)
         mask[2, 6:] = 0
-        rows = torch.rand(3, 9) < 0.3
+        rows = (torch.rand(3, 9) < 0.3) & mask.bool()  # MLM masks real tokens only
         rows[0, 1] = True
         image, text = model.encode_image(torch.randn(3, 3, 64, 64)), model.encode_text(ids, mask)
         full = model.fuse_encoded(image, text).text[rows]
