@@ -57,7 +57,7 @@ RECIPES = {
         model=Config(
             image_size=64, vision_width=128, vision_layers=2, vision_heads=4, vocab_size=4096,
             text_width=128, text_layers=2, text_heads=4, max_positions=128, max_text_len=64,
-            hidden_size=128, fusion_layers=1, fusion_heads=4, pool_size=64, k_visual=16, k_textual=8,
+            hidden_size=128, fusion_layers=1, fusion_heads=4, pool_size=64, k_visual=16, k_textual=16,
             embed_dim=128,
             # Early convolutions (four stride-2 conv layers) to the 4x4 grid of 16 px patches: a
             # ViT that learns from scratch; MLP ratio 2 instead of 4: as good, a quarter cheaper.

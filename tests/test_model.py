@@ -415,7 +415,7 @@ def test_presets_and_round_trip():
     assert (base.vocab_size, base.pad_token_id, base.max_positions, base.max_text_len) == (50265, 1, 514, 48)
     assert (base.fusion_layers, base.pool_size, base.k_visual, base.k_textual) == (6, 1024, 49, 32)
     assert (tiny.image_size, tiny.patch_size, tiny.vision_width, tiny.pool_size) == (64, 16, 128, 64)
-    assert (tiny.k_visual, tiny.k_textual, tiny.max_text_len) == (16, 8, 64)
+    assert (tiny.k_visual, tiny.k_textual, tiny.max_text_len) == (16, 16, 64)
 
 
 def test_config_validation_names_the_fields():
