@@ -32,7 +32,9 @@ DATA = common.ROOT / "data" / "synth"
 FLOORS = {"rows_with_gradient_ours": 2.0, "rows_with_gradient_official": 0.0,
           "pool_change_ours": 0.05, "pool_change_official": 1e-6, "itc_final_ours": 0.15,
           "itc_final_official": 0.15, "r10_ours": 0.03, "r10_official": 0.03,
-          "textual_used_ours": 5.0, "textual_used_official": 5.0}
+          # a count over the 1,000 test images that moves by several rows with any change of the
+          # numerics (seed 0: 41 rows with 1 thread, 38 with 2)
+          "textual_used_ours": 8.0, "textual_used_official": 8.0}
 
 
 def official_select(query: torch.Tensor, pool: torch.Tensor, k: int):
