@@ -4,22 +4,27 @@ Every comparison runs side by side in one process: the variants' repeats are int
 round runs every variant once, in turn, so machine drift is shared) and medians are reported.
 Shared CPU machines are noisy: read ratios, not absolute times, and rerun when in doubt.
 
-    python bench.py step     --preset tiny                 # step samples/s, memory, FLOPs, MFU
-    python bench.py step     --preset base --device cuda --batch 32   # GPU target: >= 40% MFU, < 40 GB
-    python bench.py reuse    --preset tiny                 # encoder-output reuse vs naive step (>= 1.3x)
-    python bench.py compile  --preset tiny                 # eager vs torch.compile
-    python bench.py packing  --preset tiny                 # padded texts: pads skipped vs computed
-    python bench.py data     --preset tiny --workers 0 1 2 # loader samples/s vs step samples/s
-    python bench.py flops    --preset base --batch 32      # analytic FLOPs only, no timing
+    python bench.py gpu                                    # a lent GPU: everything below, <= 5 min
+    python bench.py step  --preset tiny --variants eager compile      # samples/s, FLOPs, MFU, compile s
+    python bench.py step  --preset base --device cuda --batches 32 64 --variants eager compile cudagraphs
+    python bench.py reuse --preset tiny                    # step.fast_passes vs the plain passes
+    python bench.py data  --preset base --render 512 --workers 4 8 16 # loader on 288-px PNG files
+    python bench.py flops --preset base --batch 32         # analytic FLOPs only, no timing
     python bench.py encoders                               # our ViT / text encoder vs transformers
 
 A "step" is what train.py does per optimisation step without accumulation: forward of
-train.PretrainStep (four fusion passes, bf16 autocast on CUDA as in train.py), backward, gradient
-clipping, AdamW (train.make_optimizer). Inputs are a synthetic batch of full-length texts (no
-padding) with exactly round(0.15 * B * L) masked positions, so the analytic count is exact;
-`packing` pads every other text (--pad-fraction of the batch's positions are pads, about 0.4 in
-the synthetic benchmark, where impressions are padded to the findings' length) and times the step
-with the pads skipped (model.Packing) against every position computed, pads masked as keys.
+step.PretrainStep (four fusion passes, bf16 autocast on CUDA as in train.py), backward, gradient
+clipping, AdamW (train.make_optimizer). Inputs are a synthetic batch of full-length texts that
+start with the start token, with round(0.15 x the real tokens) masked positions, padded per text
+to the data loader's bucket (data.mlm_positions); --pad-fraction cuts every other text short.
+The variants: `eager`; `compile`, torch.compile(fullgraph=True) of the step's forward and
+backward (its first call, which compiles both, is timed apart: "compile s"); `cudagraphs`, the
+same in mode "reduce-overhead", which replays them as CUDA graphs (CUDA only).
+
+`gpu` runs, on the `base` preset at 288 px in bf16: the eager step at batches 32, 64, 96, the
+compiled and CUDA-graph steps at batch 64, then the loader at 4, 8 and 16 workers reading 512
+synthetic cases rendered as 288-px PNG files, against the fastest step; one table, and
+bench_results/gpu.json written after each part.
 
 FLOP convention (`step_flops`): a multiply-add is 2 FLOPs. Counted: every matmul (Linear and the
 patch convolution or conv stem, 2 x weight entries per output position, i.e. 6 x parameters x
@@ -50,16 +55,18 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from unittest import mock
 
 import torch
 
+import synth
 import train
-from data import Batch, PretrainDataset, Tokenizer, itm_pairs, make_train_stream
+from data import (MLM_BUCKET, Batch, PretrainDataset, Tokenizer, itm_pairs, make_train_stream, mlm_positions,
+                  round_up)
 from losses import LossWeights
 from hf import config_from_hf, load_hf_encoders
-from model import Config, Packing, PTUnifier, key_padding_mask
+from model import Config, PTUnifier
 from recipes import RECIPES
+from step import PretrainStep
 
 RESULTS = Path("bench_results")
 # Dense bf16 tensor-core peak FLOP/s (vendor datasheets, without sparsity). A CPU has no sensible
@@ -119,11 +126,11 @@ def fusion_flops(cfg: Config, batch: int, lt: int, li: int) -> int:
     return proj + cfg.fusion_layers * layer + 2 * 2 * batch * H * H
 
 
-def mlm_fusion_flops(cfg: Config, batch: int, lt: int, li: int, rows: int) -> int:
-    """The MLM pass's fusion (model.Fusion.text_rows): every layer but the last in full; the last
-    runs the text stream's self-attention on all Lt tokens and its cross-attention queries and FFN
-    on the `rows` masked positions only; no last image-stream layer, no poolers."""
-    H, M = cfg.hidden_size, cfg.fusion_mlp
+def mlm_fusion_flops(cfg: Config, batch: int, lt: int, li: int, positions: int) -> int:
+    """The MLM pass's fusion (step.fused_text_at): every layer but the last in full; the last runs
+    the text stream's self-attention on all Lt tokens and its cross-attention queries and FFN on
+    the `positions` MLM positions of each text only; no last image-stream layer, no poolers."""
+    H, M, rows = cfg.hidden_size, cfg.fusion_mlp, batch * positions
     proj = 2 * batch * (lt * cfg.text_width + li * cfg.vision_width) * H
     before = (cfg.fusion_layers - 1) * (stream_flops(cfg, batch, lt, li) + stream_flops(cfg, batch, li, lt))
     last = (2 * batch * lt * 4 * H * H + 4 * batch * lt * lt * H  # self-attention, every token
@@ -132,40 +139,46 @@ def mlm_fusion_flops(cfg: Config, batch: int, lt: int, li: int, rows: int) -> in
     return proj + before + last
 
 
+def typical_positions(text_len: int) -> int:
+    """MLM positions per text of a batch of full texts: 15% of them, bucketed as the loader does."""
+    return round_up(max(1, round(0.15 * text_len)), MLM_BUCKET, text_len)
+
+
 def prompt_scoring_flops(cfg: Config, batch: int, width: int) -> int:
     """Eq. 3 scores query [B, D] @ pool^T [D, S] (pool mode; static prompts score nothing)."""
     return 2 * batch * cfg.pool_size * width if cfg.prompt_mode == "pool" else 0
 
 
-def step_flops(cfg: Config, batch: int, text_len: int, reuse=True,
-               masked: int | None = None) -> dict:
-    """Analytic FLOPs of one pre-training step (train.PretrainStep + backward) of `batch` pairs
-    with texts of `text_len` tokens; `masked` MLM positions (default round(0.15 * B * L)).
+def step_flops(cfg: Config, batch: int, text_len: int, reuse=True, positions: int | None = None) -> dict:
+    """Analytic FLOPs of one pre-training step (step.PretrainStep + backward) of `batch` pairs
+    with texts of `text_len` tokens and `positions` MLM positions per text (the batch's
+    mlm_positions width; default `typical_positions`).
 
     Returns training FLOPs (3 x forward; prompt scoring 1 x) per component and in "total", and the
     forward-only counts under "forward". Convention in the module docstring (multiply-add = 2).
-    The four passes (train.py): 1. MLM text + image, 2. ITM text + (other) image, 3. image +
+    The four passes (step.py): 1. MLM text + image, 2. ITM text + (other) image, 3. image +
     textual prompts (k_t + 2 tokens), 4. text + visual prompts (1 + k_v tokens). The ViT runs on
     the true images once with reuse (3 times without) plus once on the visual prompts; the text
     encoder on the true texts twice with reuse where it has no dropout (3 times otherwise: MLM's
     masked texts, ITM's and the text-only pass's) plus once on the textual prompts. With reuse the
-    MLM pass fuses only the rows its head reads (mlm_fusion_flops); the naive step fuses all.
+    MLM pass fuses only the rows its head reads (mlm_fusion_flops); the plain step fuses all. The
+    MLM head reads `positions` rows per text either way.
     """
     B, L = batch, text_len
     li = 1 + (cfg.image_size // cfg.patch_size) ** 2  # CLS + patches
     lp_t, lp_v = cfg.k_textual + 2, 1 + cfg.k_visual  # [<s>, prompts, </s>] and [CLS, prompts]
-    masked = round(0.15 * B * L) if masked is None else masked
+    P = typical_positions(L) if positions is None else positions
     H, E = cfg.hidden_size, cfg.embed_dim
     image_passes = 1 if reuse else 3
     text_passes = 2 if reuse and cfg.text_dropout == 0 else 3
     fwd = {
         "vision": image_passes * vision_flops(cfg, B, li, True) + vision_flops(cfg, B, lp_v, False),
         "text": text_passes * text_flops(cfg, B, L) + text_flops(cfg, B, lp_t),
-        "fusion": ((mlm_fusion_flops(cfg, B, L, li, masked) if reuse else fusion_flops(cfg, B, L, li))
+        "fusion": ((mlm_fusion_flops(cfg, B, L, li, P) if reuse else fusion_flops(cfg, B, L, li))
                    + fusion_flops(cfg, B, L, li) + fusion_flops(cfg, B, lp_t, li) + fusion_flops(cfg, B, L, lp_v)),
         "prompt_scoring": (prompt_scoring_flops(cfg, B, cfg.vision_width)
                            + prompt_scoring_flops(cfg, B, cfg.text_width)),
-        "mlm_head": 2 * masked * (H * H + H * cfg.vocab_size),
+        "mlm_head": 2 * B * P * (H * H + H * cfg.vocab_size),
         "itm_head": 2 * B * 2 * H * 2,
         "itc_head": 2 * (2 * B * 2 * H * E) + 2 * (2 * B * B * E),  # projections + logits both ways
     }
@@ -287,21 +300,23 @@ def model_config(args) -> Config:
 
 
 def synthetic_batch(cfg: Config, batch: int, text_len: int, seed: int = 0, pad_fraction: float = 0.0) -> Batch:
-    """A pre-training Batch of random pixels and full-length random texts (no padding), with
-    exactly round(0.15 * B * L) masked positions (what step_flops assumes) and ITM negatives.
-    pad_fraction > 0: every other text is cut short so that this fraction of the positions are
-    pads (at most 0.5); the masked positions are then drawn among the real ones."""
+    """A pre-training Batch of random pixels and full-length random texts (no padding) that start
+    with the start token, round(0.15 x the real tokens after it) masked positions, bucketed as the
+    data loader buckets them (data.mlm_positions), and ITM negatives. pad_fraction > 0: every
+    other text is cut short so that this fraction of the positions are pads (at most 0.5)."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, cfg.vocab_size, (batch, text_len), generator=gen)  # [B, L]
+    ids[:, 0] = cfg.bos_token_id
     short = text_len - round(2 * pad_fraction * text_len)
     if not 1 <= short <= text_len:
         raise SystemExit(f"--pad-fraction {pad_fraction}: expected 0 <= it < 0.5")
     mask = torch.ones_like(ids)
     mask[1::2, short:] = 0  # [B, L]
     ids = ids.masked_fill(mask == 0, cfg.pad_token_id)
-    real = mask.flatten().nonzero().squeeze(1)
-    n_masked = round(0.15 * len(real))
-    where = real[torch.randperm(len(real), generator=gen)[:n_masked]]
+    maskable = mask.clone()
+    maskable[:, 0] = 0  # the start token is never masked
+    real = maskable.flatten().nonzero().squeeze(1)
+    where = real[torch.randperm(len(real), generator=gen)[:round(0.15 * len(real))]]
     labels = torch.full((batch * text_len,), -100, dtype=torch.long)
     labels[where] = ids.flatten()[where]
     labels = labels.view(batch, text_len)  # [B, L]
@@ -310,10 +325,13 @@ def synthetic_batch(cfg: Config, batch: int, text_len: int, seed: int = 0, pad_f
                  pixel_values=torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=gen),
                  input_ids=ids, attention_mask=mask,
                  mlm_input_ids=ids.masked_fill(labels != -100, 4), mlm_labels=labels,
+                 mlm_positions=mlm_positions(labels),
                  itm_image_index=itm_index, itm_labels=itm_labels)
 
 
-def build_setup(args) -> Setup:
+def build_setup(args, batch: int | None = None) -> Setup:
+    """The model (seed 0, train mode), its optimizer (train.make_optimizer) and a synthetic batch of
+    `batch` pairs (default args.batch) for one benchmark run."""
     device = torch.device(args.device)
     if device.type == "cuda":  # as runtime.setup_runtime
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -326,13 +344,19 @@ def build_setup(args) -> Setup:
     tcfg = train.TrainConfig(preset=args.preset).resolved()
     optimizer = train.make_optimizer(model, tcfg, device)
     text_len = args.text_len or cfg.max_text_len
-    batch = synthetic_batch(cfg, args.batch, text_len, pad_fraction=args.pad_fraction).to(device)
-    return Setup(cfg, model, optimizer, batch, device, amp, text_len)
+    pairs = synthetic_batch(cfg, batch or args.batch, text_len, pad_fraction=args.pad_fraction).to(device)
+    return Setup(cfg, model, optimizer, pairs, device, amp, text_len)
+
+
+def setup_flops(s: Setup, reuse: bool = True) -> dict:
+    """step_flops of the setup's batch (its text length and MLM positions per text)."""
+    return step_flops(s.cfg, len(s.batch), s.text_len, reuse, s.batch.mlm_positions.shape[1])
 
 
 def step_fn(s: Setup, module):
     """One optimisation step as train.py runs it (no accumulation, bf16 needs no scaler)."""
     def run():
+        torch.compiler.cudagraph_mark_step_begin()  # a new step for CUDA graphs (reduce-overhead)
         with torch.autocast(s.device.type, dtype=s.amp_dtype, enabled=s.amp_dtype is not None):
             out = module(s.batch)
         out.total.backward()
@@ -363,17 +387,18 @@ def losses_of(s: Setup, module) -> dict[str, float]:
 
 
 def variant_row(s: Setup, name: str, times: list[float], flops: dict, peak: float | None,
-                module) -> dict:
-    """Step time statistics, throughput, FLOPs, MFU and memory of one measured variant."""
+                module, compiled: bool = False) -> dict:
+    """Step time statistics, throughput, FLOPs, MFU and memory of one measured variant (the saved
+    activations only for an eager module: a compiled graph saves its tensors out of sight)."""
     med = statistics.median(times)
     params = list(s.model.parameters())
-    act = saved_activation_bytes(forward_backward_fn(s, module), params)
+    act = None if compiled else saved_activation_bytes(forward_backward_fn(s, module), params)
     cuda_peak = peak_allocated(step_fn(s, module), s.device)
     return {"variant": name, "step_s": med, "min_s": min(times), "max_s": max(times),
             "samples_per_s": len(s.batch) / med, "tflop_per_step": flops["total"] / 1e12,
             "achieved_tflops": flops["total"] / med / 1e12,
             "mfu": flops["total"] / med / peak if peak else None,
-            "saved_activations_gb": act / 1e9,
+            "saved_activations_gb": act / 1e9 if act is not None else None,
             "peak_allocated_gb": cuda_peak / 1e9 if cuda_peak is not None else None}
 
 
@@ -395,94 +420,73 @@ def gpu_target_row() -> dict:
             "peak_allocated_gb": "not yet measured (target < 40 GB)"}
 
 
+# torch.compile mode of each variant of `step` (None: eager). "cudagraphs" replays the compiled
+# forward and backward as CUDA graphs (CUDA only); AdamW and the gradient clipping stay eager.
+VARIANTS = {"eager": None, "compile": "default", "cudagraphs": "reduce-overhead"}
+
+
 def bench_step(args) -> dict:
-    s = build_setup(args)
-    peak, peak_source = resolve_peak(args.peak_flops, s.device, s.amp_dtype or torch.float32)
-    module = train.PretrainStep(s.model, LossWeights(), reuse=True)
-    times = interleaved({"step": step_fn(s, module)}, args.repeats, args.warmup, s.device)["step"]
-    flops = step_flops(s.cfg, args.batch, s.text_len)
-    rows = [variant_row(s, f"{args.preset} {args.device} {s.amp_dtype or 'fp32'} "
-                           f"{s.cfg.image_size}px B={args.batch}", times, flops, peak, module)]
-    if s.device.type != "cuda":
-        rows.append(gpu_target_row())
-    return {"rows": rows, "flops": flops, "peak_flops": peak, "peak_source": peak_source,
-            "times_s": times, "process_peak_rss_gb": rss_gb()}
+    """Each variant at each batch size: step time, samples/s, FLOPs, MFU, memory, and for compiled
+    variants the first call (compiling forward and backward) timed apart as the compile time and
+    the losses against eager's. The variants of one batch size run interleaved."""
+    rows, result = [], {"times_s": {}, "compile_s": {}, "max_loss_diff": {}}
+    for batch in args.batches:
+        torch._dynamo.reset()  # each batch size compiles anew: every compile time is a first compile
+        s = build_setup(args, batch)
+        peak, result["peak_source"] = resolve_peak(args.peak_flops, s.device, s.amp_dtype or torch.float32)
+        result["peak_flops"], flops = peak, setup_flops(s)
+        modules = {}
+        eager = PretrainStep(s.model, LossWeights())
+        for name in args.variants:
+            key = f"{name} B={batch}"
+            if VARIANTS[name] is None:
+                modules[name] = eager
+                continue
+            module = torch.compile(PretrainStep(s.model, LossWeights()), fullgraph=True, mode=VARIANTS[name])
+            try:
+                result["compile_s"][key] = seconds(step_fn(s, module), s.device)  # compiles fwd + bwd
+            except Exception as err:  # report an environment that cannot compile instead of crashing
+                rows.append({"variant": key, "step_s": f"compile failed: {one_line(err)}"})
+                continue
+            modules[name] = module
+            if args.check_losses:
+                result["max_loss_diff"][key] = loss_diff(s, eager, module)
+        times = interleaved({n: step_fn(s, m) for n, m in modules.items()}, args.repeats, args.warmup, s.device)
+        for name, module in modules.items():
+            key = f"{name} B={batch}"
+            result["times_s"][key] = times[name]
+            rows.append(variant_row(s, key, times[name], flops, peak, module, compiled=module is not eager)
+                        | {"compile_s": result["compile_s"].get(key)})
+        del s, modules, eager
+    return result | {"rows": rows, "process_peak_rss_gb": rss_gb()}
+
+
+def one_line(err: Exception) -> str:
+    return f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
+
+
+def loss_diff(s: Setup, eager, compiled) -> float:
+    """The largest difference between the losses of two modules on the setup's batch (eval mode)."""
+    a, b = losses_of(s, eager), losses_of(s, compiled)
+    return max(abs(a[k] - b[k]) for k in a)
 
 
 def bench_reuse(args) -> dict:
+    """The step's speed mechanisms (step.fast_passes: encoder reuse, the MLM pass fused where its
+    head reads) against the plain passes: their losses (equal) and their speed."""
     s = build_setup(args)
     peak, peak_source = resolve_peak(args.peak_flops, s.device, s.amp_dtype or torch.float32)
-    steps = {name: train.PretrainStep(s.model, LossWeights(), reuse=reuse)
-             for name, reuse in (("reuse", True), ("naive", False))}
+    steps = {name: PretrainStep(s.model, LossWeights(), reuse=name == "fast") for name in ("fast", "plain")}
     losses = {name: losses_of(s, m) for name, m in steps.items()}
-    max_diff = max(abs(losses["reuse"][k] - losses["naive"][k]) for k in losses["reuse"])
-    times = interleaved({n: step_fn(s, m) for n, m in steps.items()}, args.repeats, args.warmup,
-                        s.device)
-    rows = [variant_row(s, name, times[name], step_flops(s.cfg, args.batch, s.text_len, reuse),
-                        peak, steps[name]) for name, reuse in (("reuse", True), ("naive", False))]
-    ratio = statistics.median(n / r for n, r in zip(times["naive"], times["reuse"]))
+    max_diff = max(abs(losses["fast"][k] - losses["plain"][k]) for k in losses["fast"])
+    times = interleaved({n: step_fn(s, m) for n, m in steps.items()}, args.repeats, args.warmup, s.device)
+    rows = [variant_row(s, name, times[name], setup_flops(s, name == "fast"), peak, steps[name])
+            for name in ("fast", "plain")]
+    ratio = statistics.median(p / f for p, f in zip(times["plain"], times["fast"]))
     flop_ratio = rows[1]["tflop_per_step"] / rows[0]["tflop_per_step"]
     return {"rows": rows, "losses": losses, "max_loss_diff": max_diff,
-            "speed_ratio_naive_over_reuse": ratio, "flop_ratio_naive_over_reuse": flop_ratio,
-            "target": ">= 1.3x at the tiny preset on CPU", "peak_flops": peak,
-            "peak_source": peak_source, "times_s": times, "process_peak_rss_gb": rss_gb()}
-
-
-def every_position(mask):
-    """A Packing that keeps every position: the padded computation (pads masked as keys only)."""
-    key_mask = key_padding_mask(mask)
-    return None if key_mask is None else Packing(torch.arange(mask.numel(), device=mask.device),
-                                                 tuple(mask.shape), key_mask)
-
-
-def bench_packing(args) -> dict:
-    args.pad_fraction = args.pad_fraction or 0.4
-    s = build_setup(args)
-    module = train.PretrainStep(s.model, LossWeights(), reuse=True)
-
-    def padded_fn(run):
-        def padded():
-            with mock.patch.object(Packing, "of", staticmethod(every_position)):
-                run()
-        return padded
-    losses = {"packed": losses_of(s, module)}
-    with mock.patch.object(Packing, "of", staticmethod(every_position)):
-        losses["padded"] = losses_of(s, module)
-    max_diff = max(abs(losses["packed"][k] - losses["padded"][k]) for k in losses["packed"])
-    times = interleaved({"packed": step_fn(s, module), "padded": padded_fn(step_fn(s, module))},
-                        args.repeats, args.warmup, s.device)
-    rows = [variant_row(s, f"{name}, {args.pad_fraction:.0%} pads", times[name],
-                        step_flops(s.cfg, args.batch, s.text_len), None, module) for name in times]
-    ratio = statistics.median(p / q for p, q in zip(times["padded"], times["packed"]))
-    return {"rows": rows, "losses": losses, "max_loss_diff": max_diff,
-            "speed_ratio_padded_over_packed": ratio, "times_s": times}
-
-
-def bench_compile(args) -> dict:
-    s = build_setup(args)
-    peak, peak_source = resolve_peak(args.peak_flops, s.device, s.amp_dtype or torch.float32)
-    eager = train.PretrainStep(s.model, LossWeights(), reuse=True)
-    flops = step_flops(s.cfg, args.batch, s.text_len)
-    result = {"peak_flops": peak, "peak_source": peak_source}
-    compiled = torch.compile(eager)
-    try:
-        compile_s = seconds(step_fn(s, compiled), s.device)  # first call compiles fwd + bwd
-        times = interleaved({"eager": step_fn(s, eager), "compiled": step_fn(s, compiled)},
-                            args.repeats, args.warmup, s.device)
-        losses = {"eager": losses_of(s, eager), "compiled": losses_of(s, compiled)}
-    except Exception as err:  # report an environment that cannot compile instead of crashing
-        times = interleaved({"eager": step_fn(s, eager)}, args.repeats, args.warmup, s.device)
-        error = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
-        rows = [variant_row(s, "eager", times["eager"], flops, peak, eager),
-                {"variant": "compiled", "step_s": f"compile failed: {error}"}]
-        return result | {"rows": rows, "error": error, "times_s": times}
-    rows = [variant_row(s, name, times[name], flops, peak, m)
-            for name, m in (("eager", eager), ("compiled", compiled))]
-    ratio = statistics.median(e / c for e, c in zip(times["eager"], times["compiled"]))
-    max_diff = max(abs(losses["eager"][k] - losses["compiled"][k]) for k in losses["eager"])
-    return result | {"rows": rows, "compile_s": compile_s, "speed_ratio_eager_over_compiled": ratio,
-                     "losses": losses, "max_loss_diff": max_diff, "times_s": times,
-                     "process_peak_rss_gb": rss_gb()}
+            "speed_ratio_plain_over_fast": ratio, "flop_ratio_plain_over_fast": flop_ratio,
+            "peak_flops": peak, "peak_source": peak_source, "times_s": times, "process_peak_rss_gb": rss_gb()}
 
 
 def loader_samples_per_s(dataset, batch: int, workers: int, batches: int) -> dict:
@@ -507,23 +511,54 @@ def loader_samples_per_s(dataset, batch: int, workers: int, batches: int) -> dic
 
 
 def bench_data(args) -> dict:
-    s = build_setup(args)
-    module = train.PretrainStep(s.model, LossWeights(), reuse=True)
-    times = interleaved({"step": step_fn(s, module)}, args.repeats, args.warmup, s.device)["step"]
-    consumed = len(s.batch) / statistics.median(times)
-    del s, module
-    tokenizer = Tokenizer.load(args.tokenizer)
+    """The training loader's samples/s with each worker count against what the step consumes.
+    --render N: N synthetic cases rendered as PNG files at the model's image size (288 px for
+    `base`) into a temporary folder, so that decoding and resizing cost what real files cost."""
+    consumed, times = args.step_samples_per_s, None
+    if not consumed:
+        s = build_setup(args)
+        times = interleaved({"step": step_fn(s, PretrainStep(s.model, LossWeights()))}, args.repeats,
+                            args.warmup, s.device)["step"]
+        consumed = len(s.batch) / statistics.median(times)
+        del s
     cfg = model_config(args)
-    dataset = PretrainDataset(args.data, "train", tokenizer, cfg.image_size,
-                              args.text_len or cfg.max_text_len, train=True, seed=0)
-    rows = [{"source": f"step consumes ({args.device}, {args.preset}, B={args.batch})",
-             "samples_per_s": consumed, "per_worker": None, "vs_step": 1.0, "startup_s": None}]
-    for w in args.workers:
-        r = loader_samples_per_s(dataset, args.batch, w, args.data_batches)
-        rows.append({"source": f"loader, {w} workers", **r, "vs_step": r["samples_per_s"] / consumed})
-    rows.append({"source": "loader, 8 workers vs GPU step (target >= 2x)",
-                 "samples_per_s": "not yet measured"})
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, tokenizer = Path(args.data), Path(args.tokenizer)
+        if args.render:
+            synth.main(["--out", tmp, "--train", str(args.render), "--val", "8", "--test", "8",
+                        "--image-size", str(cfg.image_size), "--workers", str(max(1, min(8, args.workers[-1])))])
+            folder, tokenizer = Path(tmp) / "pretrain", Path(tmp) / "tokenizer.json"
+        dataset = PretrainDataset(folder, "train", Tokenizer.load(tokenizer), cfg.image_size,
+                                  args.text_len or cfg.max_text_len, train=True, seed=0)
+        rows = [{"source": f"step consumes ({args.device}, {args.preset}, B={args.batch})",
+                 "samples_per_s": consumed, "per_worker": None, "vs_step": 1.0, "startup_s": None}]
+        for w in args.workers:
+            r = loader_samples_per_s(dataset, args.batch, w, args.data_batches)
+            rows.append({"source": f"loader, {w} workers, {cfg.image_size} px files", **r,
+                         "vs_step": r["samples_per_s"] / consumed})
     return {"rows": rows, "step_times_s": times, "process_peak_rss_gb": rss_gb()}
+
+
+def bench_gpu(args) -> dict:
+    """What to measure when a GPU is lent for a few minutes, in one table: the eager step at each of
+    --batches, the compiled step and the CUDA-graph step at --compiled-batch (each compile timed),
+    then the loader with --workers on --render files at the model's image size against the
+    fastest step. Results are saved after each part, so a run cut short keeps what it measured."""
+    steps = bench_step(argparse.Namespace(**vars(args) | {"variants": ["eager"]}))
+    save("gpu", steps)
+    if args.compiled_batch:
+        compiled = bench_step(argparse.Namespace(**vars(args) | {
+            "variants": ["compile", "cudagraphs"] if args.device.startswith("cuda") else ["compile"],
+            "batches": [args.compiled_batch]}))
+        steps = steps | {k: steps[k] | compiled[k] for k in ("times_s", "compile_s", "max_loss_diff")} | {
+            "rows": steps["rows"] + compiled["rows"]}
+        save("gpu", steps)
+    fastest = max((r for r in steps["rows"] if isinstance(r.get("samples_per_s"), float)),
+                  key=lambda r: r["samples_per_s"])
+    data = bench_data(argparse.Namespace(**vars(args) | {"step_samples_per_s": fastest["samples_per_s"],
+                                                         "batch": int(fastest["variant"].split("B=")[1])}))
+    data["rows"][0]["source"] = f"fastest step: {fastest['variant']}"
+    return steps | {"data_rows": data["rows"], "rows": steps["rows"]}
 
 
 def bench_flops(args) -> dict:
@@ -635,7 +670,8 @@ COLUMNS = {  # command -> (key, header, format) of its table
     "flops": [("component", "component", "<16"), ("reuse_tflop", "reuse TFLOP", ">12.4f"),
               ("naive_tflop", "naive TFLOP", ">12.4f"), ("reuse_share", "share", ">7.1%")],
 }
-COLUMNS["reuse"] = COLUMNS["compile"] = COLUMNS["packing"] = COLUMNS["step"]
+COLUMNS["step"].append(("compile_s", "compile s", ">9.1f"))
+COLUMNS["reuse"] = COLUMNS["gpu"] = COLUMNS["step"]
 
 
 def print_rows(rows: list[dict], columns) -> None:
@@ -665,7 +701,7 @@ def save(name: str, result: dict) -> Path:
 
 def add_common(p: argparse.ArgumentParser) -> None:
     """Flags shared by step, reuse, compile, data and flops."""
-    p.add_argument("--preset", choices=sorted(RECIPES), default="tiny", help="model preset")
+    p.add_argument("--preset", choices=sorted(RECIPES), default=None, help="model preset (tiny; gpu: base)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
                    help="autocast dtype; auto = bf16 on CUDA (as train.py), fp32 on CPU")
@@ -674,7 +710,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-len", type=int, default=0, help="tokens per text (0: preset max_text_len)")
     p.add_argument("--pad-fraction", type=float, default=0.0,
                    help="share of the batch's text positions that are pads (every other text cut "
-                        "short; packing: 0 means 0.4, about the synthetic benchmark's)")
+                        "short; about 0.4 in the synthetic benchmark)")
     p.add_argument("--image-size", type=int, default=0, help="image side (0: the preset's)")
     p.add_argument("--layers", type=int, default=0,
                    help="set every stack (ViT, text, fusion) to this depth for quick sanity runs "
@@ -694,20 +730,36 @@ def add_common(p: argparse.ArgumentParser) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    helps = {"step": "pre-training step: samples/s, memory, analytic FLOPs, MFU",
-             "reuse": "step reusing encoder outputs vs the naive step: losses and speed",
-             "compile": "eager vs torch.compile of the step",
-             "data": "training loader samples/s (0/1/2 workers) vs what a step consumes",
+    helps = {"step": "pre-training step, eager / compiled / CUDA graphs at several batch sizes: "
+                     "samples/s, memory, analytic FLOPs, MFU, compile time",
+             "reuse": "the step's speed mechanisms (step.fast_passes) vs the plain passes: losses and speed",
+             "data": "training loader samples/s per worker count vs what a step consumes",
              "flops": "analytic FLOPs per component (no timing)",
-             "packing": "padded texts: step with the pads skipped vs every position computed"}
+             "gpu": "one command for a lent GPU (at most 5 minutes): step rows and loader rows, one table"}
     for name, text in helps.items():
         add_common(sub.add_parser(name, help=text))
-    data = sub.choices["data"]
-    data.add_argument("--data", default="data/synth/pretrain", help="pretrain task folder")
-    data.add_argument("--tokenizer", default="data/synth/tokenizer.json", help="tokenizer file")
-    data.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2],
-                      help="worker counts to measure")
-    data.add_argument("--data-batches", type=int, default=20, help="timed batches per worker count")
+    for name in ("step", "gpu"):
+        p = sub.choices[name]
+        p.add_argument("--batches", type=int, nargs="+", default=None,
+                       help="batch sizes to measure (default: --batch; gpu: 32 64 96)")
+        p.add_argument("--check-losses", action=argparse.BooleanOptionalAction, default=name == "step",
+                       help="compare a compiled variant's losses with eager's (compiles an eval graph too)")
+    sub.choices["step"].add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["eager"],
+                                     help="eager, compile (torch.compile), cudagraphs (reduce-overhead, CUDA)")
+    sub.choices["gpu"].add_argument("--compiled-batch", type=int, default=64,
+                                    help="the batch of the compiled and CUDA-graph rows (0: none)")
+    for name in ("data", "gpu"):
+        p = sub.choices[name]
+        p.add_argument("--data", default="data/synth/pretrain", help="pretrain task folder")
+        p.add_argument("--tokenizer", default="data/synth/tokenizer.json", help="tokenizer file")
+        p.add_argument("--render", type=int, default=0 if name == "data" else 512,
+                       help="render this many synthetic cases as PNG files at the model's image size "
+                            "into a temporary folder and read those instead of --data")
+        p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2] if name == "data" else [4, 8, 16],
+                       help="worker counts to measure")
+        p.add_argument("--data-batches", type=int, default=20, help="timed batches per worker count")
+        p.add_argument("--step-samples-per-s", type=float, default=0.0,
+                       help="what the step consumes, if measured elsewhere (0: time the eager step)")
     enc = sub.add_parser("encoders", help="our ViT/text encoders vs transformers, fwd+bwd time")
     enc.add_argument("--layers", type=int, default=2,
                      help="encoder depth at base widths (the paper uses 12; 2 keeps CPU runs short)")
@@ -727,18 +779,25 @@ def main(argv=None) -> None:
         print_table(result["rows"])
         print(f"saved {save('encoders', result)}")
         return
+    args.preset = args.preset or ("base" if args.command == "gpu" else "tiny")
+    if args.command == "gpu" and args.device == "cpu" and torch.cuda.is_available():
+        args.device = "cuda"
     args.batch = args.batch or (64 if args.preset == "tiny" else 32)
-    run = {"step": bench_step, "reuse": bench_reuse, "compile": bench_compile,
-           "data": bench_data, "flops": bench_flops, "packing": bench_packing}[args.command]
+    args.batches = getattr(args, "batches", None) or ([32, 64, 96] if args.command == "gpu" else [args.batch])
+    run = {"step": bench_step, "reuse": bench_reuse, "data": bench_data, "flops": bench_flops,
+           "gpu": bench_gpu}[args.command]
     result = run(args)
+    if args.command == "step" and args.device == "cpu":  # what the GPU row would be judged against
+        result["rows"].append(gpu_target_row())
     result["settings"] = vars(args)
     print_rows(result["rows"], COLUMNS[args.command])
-    for key in ("max_loss_diff", "speed_ratio_naive_over_reuse", "flop_ratio_naive_over_reuse",
-                "speed_ratio_padded_over_packed",
-                "compile_s", "speed_ratio_eager_over_compiled", "peak_source", "error"):
-        if key in result:
+    if "data_rows" in result:
+        print_rows(result["data_rows"], COLUMNS["data"])
+    for key in ("max_loss_diff", "speed_ratio_plain_over_fast", "flop_ratio_plain_over_fast",
+                "peak_source", "error"):
+        if result.get(key):
             print(f"{key}: {result[key]}")
-    name = f"{args.command}_{args.preset}_{args.device.replace(':', '')}"
+    name = "gpu" if args.command == "gpu" else f"{args.command}_{args.preset}_{args.device.replace(':', '')}"
     print(f"saved {save(name, result)}")
 
 

@@ -449,9 +449,10 @@ class Tokenizer:
         backend.save(str(path))
         return cls._from_json(Path(path))
 
-    def encode(self, texts: list[str], max_length: int, pair: list[str] | None = None):
+    def encode(self, texts: list[str], max_length: int, pair: list[str] | None = None, pad_to_multiple_of: int = 1):
         """Clean and tokenise `texts` (and `pair`, as second segments) with specials, truncate
-        (longest first) to `max_length` and pad to the longest in the batch.
+        (longest first) to `max_length` and pad to the longest in the batch, rounded up to a
+        multiple of `pad_to_multiple_of` (at most max_length: a few shapes for a compiled step).
 
         Returns (input_ids LongTensor[B, L], attention_mask LongTensor[B, L]), L <= max_length.
         Raises ValueError for a text that is empty after cleaning.
@@ -461,7 +462,7 @@ class Tokenizer:
         self.backend.enable_truncation(max_length, strategy="longest_first")
         self.backend.no_padding()
         encodings = self.backend.encode_batch(inputs)
-        length = max(len(e.ids) for e in encodings)
+        length = round_up(max(len(e.ids) for e in encodings), pad_to_multiple_of, max_length)
         ids = torch.full((len(encodings), length), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(encodings), length), dtype=torch.long)
         for row, e in enumerate(encodings):
@@ -536,6 +537,26 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, tok: Toke
     return masked, labels
 
 
+TEXT_BUCKET, MLM_BUCKET = 16, 8  # pre-training pads L and P to multiples: a compiled step meets few shapes
+
+
+def round_up(n: int, multiple: int, cap: int) -> int:
+    """n rounded up to a multiple of `multiple`, at most `cap` (and never below n)."""
+    return max(n, min(cap, -(-n // multiple) * multiple))
+
+
+def mlm_positions(labels: torch.Tensor, multiple: int = MLM_BUCKET) -> torch.Tensor:
+    """Where MLM scores each text, a fixed-shape index made on the host: labels [B, L] (-100: not
+    masked) -> positions [B, P], each row's masked positions in order, then 0s (the start token,
+    never masked) up to P = the most masked positions of a row rounded up to `multiple` (<= L)."""
+    if (labels[:, 0] != -100).any():
+        raise ValueError("mlm_positions: position 0 must be unmasked (label -100) to fill rows with")
+    counts = (labels != -100).sum(1, keepdim=True)                        # [B, 1]
+    P = round_up(max(int(counts.max()), 1), multiple, labels.shape[1])
+    order = torch.argsort((labels == -100).int(), dim=1, stable=True)[:, :P]  # [B, P] masked first
+    return order.masked_fill(torch.arange(P) >= counts, 0)               # [B, P]
+
+
 def itm_pairs(batch_size: int, generator: torch.Generator):
     """ITM negatives (paper 3.3, ITM, Eq. 7-8): floor(B/2) random rows get another row's image.
 
@@ -570,6 +591,7 @@ class Batch:
     references: list[str] | None = None         # raw target strings for NLG metrics
     mlm_input_ids: torch.Tensor | None = None   # [B, L] input_ids after masking
     mlm_labels: torch.Tensor | None = None      # [B, L] original id at masked places, else -100
+    mlm_positions: torch.Tensor | None = None   # [B, P] masked positions, then 0s (mlm_positions)
     itm_image_index: torch.Tensor | None = None  # [B] image row paired with text row i
     itm_labels: torch.Tensor | None = None      # [B] 1 matched, 0 not
     skipped: list[str] = dataclasses.field(default_factory=list)  # unreadable image paths
@@ -724,9 +746,10 @@ class PretrainCollate:
         gen = None if None in seeds else torch.Generator().manual_seed(derive_seed(self.seed, *seeds))
         batch.pixel_values = torch.stack([s.image for s in kept])  # (B, 3, H, W)
         batch.input_ids, batch.attention_mask = self.tokenizer.encode(
-            [s.text for s in kept], self.max_len)
+            [s.text for s in kept], self.max_len, pad_to_multiple_of=TEXT_BUCKET)
         batch.mlm_input_ids, batch.mlm_labels = mask_tokens(
             batch.input_ids, batch.attention_mask, self.tokenizer, gen, self.mlm_prob)
+        batch.mlm_positions = mlm_positions(batch.mlm_labels)
         batch.itm_image_index, batch.itm_labels = itm_pairs(len(kept), gen)
         return batch
 

@@ -44,7 +44,9 @@ class ConfigError(ValueError):
 class Config:
     """Every architecture choice of PTUnifier. Saved in checkpoints; `Config(**asdict(c))` rebuilds.
 
-    Defaults are the paper's `base` model (section 5.3); recipes.RECIPES holds the presets.
+    Defaults are the paper's `base` model (section 5.3); recipes.RECIPES holds the presets. The
+    last group of fields (FROM_SCRATCH) holds what the tiny recipe changes to learn from scratch,
+    which the paper does not do; every other field is one of the paper's.
     """
 
     # Vision encoder: CLIP ViT (pre-LN blocks, no dropout).
@@ -56,8 +58,6 @@ class Config:
     vision_mlp: int = 3072  # ViT MLP hidden width
     vision_act: str = "quick_gelu"  # "quick_gelu" (OpenAI CLIP) or "gelu"
     vision_ln_eps: float = 1e-5
-    vision_stem: str = "patch"  # "patch": one patch_size conv (CLIP); "conv": log2(patch_size)
-    #   stride-2 3x3 conv + BatchNorm + ReLU layers and a 1x1 conv (Xiao et al. 2021; from scratch)
     # Text encoder: BERT/RoBERTa (post-LN blocks, exact-erf GELU).
     vocab_size: int = 50265  # V; train.py overrides it from the tokenizer
     pad_token_id: int = 1  # padding id; RoBERTa positions also use it as padding_idx
@@ -80,7 +80,6 @@ class Config:
     fusion_mlp: int = 3072
     fusion_ln_eps: float = 1e-12  # BERT's value, as in METER's cross layers
     fusion_dropout: float = 0.1
-    pooling: str = "cls"  # what each stream's pooler reads: "cls" token 0 (METER), "mean" all tokens
     # Prompts (section 3.2): pools of pool_size vectors, top-k selection.
     prompt_mode: str = "pool"  # "pool" (Eq. 3-4), "static" (k fixed learnable prompts) or "none"
     pool_size: int = 1024  # entries per modality pool (paper Table 4: 1024 best)
@@ -91,7 +90,14 @@ class Config:
     embed_dim: int = 768  # E, ITC embedding width
     temperature: float = 0.1  # ITC temperature tau; logit scale = 1 / tau
     learnable_temperature: bool = False  # learn log(1/tau), clamped to a scale <= 100
-    itc_batch_norm: bool = False  # not in the paper: batch-normalise ITC embeddings (tiny preset)
+    # Departures from the paper for training from scratch (the tiny recipe; docs/NOTES.md sections
+    # 1, 4). The defaults are the paper's choices, so that `base` departs from nothing.
+    vision_stem: str = "patch"  # "patch": one patch_size conv (CLIP); "conv": log2(patch_size)
+    #   stride-2 3x3 conv + BatchNorm + ReLU layers and a 1x1 conv (Xiao et al. 2021)
+    pooling: str = "cls"  # what each stream's pooler reads: "cls" token 0 (METER), "mean" all tokens
+    itc_batch_norm: bool = False  # batch-normalise the ITC embeddings over the global batch
+
+    FROM_SCRATCH = ("vision_stem", "pooling", "itc_batch_norm")  # the departures, in field order
 
     def __post_init__(self):
         problems = self.problems()
@@ -157,59 +163,12 @@ class Config:
 
 
 def key_padding_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """mask [B, L] (1 = real) -> bool [B, 1, 1, L] for SDPA (True = attend), or None if all real.
+    """mask [B, L] (1 = real) -> bool [B, 1, 1, L] for SDPA (True = attend); None stays None.
 
-    None lets scaled_dot_product_attention pick its fused kernels. The check reads one bool from
-    the device (a sync on GPU), once per text encoding and once per fusion pass.
+    Always a mask, never a check whether every token is real: such a check would read a value
+    back from the device (a sync), and the shapes and kernels of a step would depend on the data.
     """
-    if mask is None or bool(mask.all()):
-        return None
-    return mask.bool()[:, None, None, :]  # [B, 1, 1, L]
-
-
-@dataclass
-class Packing:
-    """Where the real tokens of a padded text batch are, so that position-wise layers (the
-    linear maps, the FFN, LayerNorm) skip the pads: x [B, L, D] <-> packed [T, D], T real tokens.
-    Only attention needs the padded layout; the packed rows are unpacked around it. About 40% of
-    a synthetic-benchmark batch's positions are pads (impressions padded to the findings' length).
-    Pad positions come back as zeros: nothing reads them (attention masks them as keys, pooling
-    averages real tokens only)."""
-
-    index: torch.Tensor  # long [T] the flat positions of the real tokens in B * L
-    shape: tuple[int, int]  # (B, L)
-    key_mask: torch.Tensor  # bool [B, 1, 1, L] for SDPA (True = attend)
-
-    @staticmethod
-    def of(mask: torch.Tensor | None) -> "Packing | None":
-        """mask [B, L] (1 = real) -> its Packing, or None when every token is real (one sync)."""
-        if mask is None:
-            return None
-        index = mask.flatten().nonzero().squeeze(1)  # [T]
-        if len(index) == mask.numel():
-            return None
-        return Packing(index, tuple(mask.shape), mask.bool()[:, None, None, :])
-
-    def pack(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, L, D] -> [T, D] (index_select: a deterministic backward)."""
-        return x.flatten(0, 1).index_select(0, self.index)
-
-    def unpack(self, x: torch.Tensor) -> torch.Tensor:
-        """[T, D] -> [B, L, D], zeros at the pads."""
-        B, L = self.shape
-        return x.new_zeros(B * L, x.shape[-1]).index_copy(0, self.index, x).view(B, L, -1)
-
-
-def pack(x: torch.Tensor, packing: Packing | None) -> torch.Tensor:
-    return x if packing is None else packing.pack(x)
-
-
-def unpack(x: torch.Tensor, packing: Packing | None) -> torch.Tensor:
-    return x if packing is None else packing.unpack(x)
-
-
-def key_mask(packing: Packing | None) -> torch.Tensor | None:
-    return None if packing is None else packing.key_mask
+    return None if mask is None else mask.bool()[:, None, None, :]  # [B, 1, 1, L]
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -237,12 +196,11 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.out = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, mask=None, packing: Packing | None = None) -> torch.Tensor:
-        """x [B, L, D], mask bool broadcastable to [B, h, L, L] or None -> [B, L, D].
-        With `packing`, x is packed [T, D] (mask: packing.key_mask) -> [T, D]."""
-        q, k, v = unpack(self.qkv(x), packing).chunk(3, dim=-1)  # 3 x [B, L, D]
+    def forward(self, x: torch.Tensor, mask=None) -> torch.Tensor:
+        """x [B, L, D], mask bool broadcastable to [B, h, L, L] or None -> [B, L, D]."""
+        q, k, v = self.qkv(x).chunk(3, dim=-1)  # 3 x [B, L, D]
         p = self.dropout if self.training else 0.0
-        return self.out(pack(attend(q, k, v, self.heads, mask, p), packing))
+        return self.out(attend(q, k, v, self.heads, mask, p))
 
 
 class CrossAttention(nn.Module):
@@ -255,20 +213,11 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(width, 2 * width)
         self.out = nn.Linear(width, width)
 
-    def forward(self, x, other, other_mask=None, example=None, packing: Packing | None = None,
-                other_packing: Packing | None = None) -> torch.Tensor:
-        """x [B, Lq, D], other [B, Lk, D], other_mask bool [B, 1, 1, Lk] or None -> [B, Lq, D].
-
-        example (long [M]): x is [M, 1, D], M single rows, and row m attends to other[example[m]]
-        (keys and values are projected once per example, then gathered) -> [M, 1, D].
-        packing / other_packing: x / other are packed ([T, D], Packing); the output is as x.
-        """
-        k, v = unpack(self.kv(other), other_packing).chunk(2, dim=-1)  # 2 x [B, Lk, D]
-        if example is not None:
-            k, v = k.index_select(0, example), v.index_select(0, example)  # 2 x [M, Lk, D]
-            other_mask = None if other_mask is None else other_mask.index_select(0, example)
+    def forward(self, x, other, other_mask=None) -> torch.Tensor:
+        """x [B, Lq, D], other [B, Lk, D], other_mask bool [B, 1, 1, Lk] or None -> [B, Lq, D]."""
+        k, v = self.kv(other).chunk(2, dim=-1)  # 2 x [B, Lk, D]
         p = self.dropout if self.training else 0.0
-        return self.out(pack(attend(unpack(self.q(x), packing), k, v, self.heads, other_mask, p), packing))
+        return self.out(attend(self.q(x), k, v, self.heads, other_mask, p))
 
 
 class QuickGELU(nn.Module):
@@ -313,9 +262,9 @@ class TextLayer(nn.Module):
         self.ln2 = nn.LayerNorm(width, eps=eps)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, attn_mask=None, packing: Packing | None = None):
-        """x [B, L, D] -> [B, L, D]; with `packing`, x packed [T, D] -> [T, D]."""
-        x = self.ln1(x + self.drop(self.attn(x, attn_mask, packing)))
+    def forward(self, x, attn_mask=None):
+        """x [B, L, D] -> [B, L, D]."""
+        x = self.ln1(x + self.drop(self.attn(x, attn_mask)))
         return self.ln2(x + self.drop(self.fc2(F.gelu(self.fc1(x)))))
 
 
@@ -338,23 +287,21 @@ class CrossLayer(nn.Module):
         self.ln3 = nn.LayerNorm(H, eps=eps)
         self.drop = nn.Dropout(p)
 
-    def forward(self, x, x_mask, other, other_mask, rows=None, packing: Packing | None = None,
-                other_packing: Packing | None = None):
-        """x [B, Lx, H], other [B, Lo, H]; masks bool [B, 1, 1, L] or None -> [B, Lx, H].
-        packing / other_packing: x / other are packed ([T, H], Packing); the output is as x.
+    def attend_self(self, x, x_mask):
+        """Self-attention -> residual + LN: x [B, Lx, H], x_mask bool [B, 1, 1, Lx] or None."""
+        return self.ln1(x + self.drop(self.self_attn(x, x_mask)))
 
-        rows (bool [B, Lx]): only these positions are wanted -> [M, H], M = rows.sum(). The
-        self-attention still reads every position; the cross-attention queries and the FFN run on
-        the M rows alone (each attending to its own example's other stream).
-        """
-        x = self.ln1(x + self.drop(self.self_attn(x, x_mask, packing)))
-        example = None
-        if rows is not None:
-            example = rows.nonzero()[:, 0]  # [M] the example of each wanted row
-            x, packing = unpack(x, packing)[rows][:, None], None  # [M, 1, H]
-        x = self.ln2(x + self.drop(self.cross_attn(x, other, other_mask, example, packing, other_packing)))
-        x = self.ln3(x + self.drop(self.fc2(F.gelu(self.fc1(x)))))
-        return x if rows is None else x[:, 0]
+    def attend_other(self, x, other, other_mask):
+        """Cross-attention (queries x [B, Lx, H], keys and values other [B, Lo, H]) -> residual + LN."""
+        return self.ln2(x + self.drop(self.cross_attn(x, other, other_mask)))
+
+    def feed_forward(self, x):
+        """FFN -> residual + LN: [B, Lx, H] -> [B, Lx, H]."""
+        return self.ln3(x + self.drop(self.fc2(F.gelu(self.fc1(x)))))
+
+    def forward(self, x, x_mask, other, other_mask):
+        """x [B, Lx, H], other [B, Lo, H]; masks bool [B, 1, 1, L] or None -> [B, Lx, H]."""
+        return self.feed_forward(self.attend_other(self.attend_self(x, x_mask), other, other_mask))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -510,13 +457,13 @@ class TextEncoder(nn.Module):
         return self.ln_embed(x + self.token_type_embeddings(token_type_ids))
 
     def run_layers(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Embedded tokens [B, L, Dt], mask [B, L] -> states [B, L, Dt] (zeros at the pads); the
-        layers run on the real tokens only (Packing)."""
-        packing = Packing.of(mask)
-        x = pack(self.drop(x), packing)  # [T, Dt] or [B, L, Dt]
+        """Embedded tokens [B, L, Dt], mask [B, L] -> states [B, L, Dt]. Pads are keys no token
+        attends to; their own states are computed and read by nothing."""
+        key_mask = key_padding_mask(mask)  # [B, 1, 1, L]
+        x = self.drop(x)
         for layer in self.layers:
-            x = layer(x, key_mask(packing), packing)
-        return unpack(x, packing)
+            x = layer(x, key_mask)
+        return x
 
     def forward(self, input_ids, attention_mask, token_type_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [B, L], mask [B, L] -> (states [B, L, Dt], text query [B, Dt]).
@@ -569,36 +516,25 @@ class Fusion(nn.Module):
             return x[:, 0]
         return x.mean(dim=1) if mask is None else masked_mean(x, mask)
 
-    def streams(self, text_states, image_states, packing: Packing | None):
-        """Both encoders' outputs projected to width H, plus their modality-type embeddings: the
-        text stream packed ([T, H], when `packing`) or [B, Lt, H], the image stream [B, Li, H]."""
-        return (self.text_proj(pack(text_states, packing)) + self.modality_type.weight[0],
+    def streams(self, text_states, image_states):
+        """Both encoders' outputs projected to width H, plus their modality-type embeddings:
+        text [B, Lt, Dt] -> [B, Lt, H], image [B, Li, Dv] -> [B, Li, H]."""
+        return (self.text_proj(text_states) + self.modality_type.weight[0],
                 self.image_proj(image_states) + self.modality_type.weight[1])
 
-    def layer_pair(self, text_layer, image_layer, t, v, packing: Packing | None):
-        """One co-attention layer of both streams (the text stream packed when `packing`)."""
-        return (text_layer(t, key_mask(packing), v, None, packing=packing),
-                image_layer(v, None, t, key_mask(packing), other_packing=packing))
-
-    def text_rows(self, text_states, text_mask, image_states, rows):
-        """The fused text stream at the positions `rows` (bool [B, Lt]) only -> [M, H]: what MLM
-        reads. Every layer but the last runs in full; the last runs the text stream's wanted rows
-        (CrossLayer rows) and not the image stream, whose last output nothing reads."""
-        packing = Packing.of(text_mask)
-        t, v = self.streams(text_states, image_states, packing)
-        *before, last = list(zip(self.text_layers, self.image_layers))
-        for text_layer, image_layer in before:
-            t, v = self.layer_pair(text_layer, image_layer, t, v, packing)
-        return last[0](t, key_mask(packing), v, None, rows, packing)
+    @staticmethod
+    def layer_pair(text_layer, image_layer, t, v, text_key_mask):
+        """One co-attention layer of both streams, in parallel: each stream attends to the other
+        stream's input to this layer. t [B, Lt, H], v [B, Li, H] -> (t', v')."""
+        return text_layer(t, text_key_mask, v, None), image_layer(v, None, t, text_key_mask)
 
     def forward(self, text_states, text_mask, image_states):
         """text [B, Lt, Dt], text_mask [B, Lt], image [B, Li, Dv]
-        -> (text [B, Lt, H] (zeros at the pads), image [B, Li, H], joint [B, 2H])."""
-        packing = Packing.of(text_mask)
-        t, v = self.streams(text_states, image_states, packing)
+        -> (text [B, Lt, H], image [B, Li, H], joint [B, 2H])."""
+        key_mask = key_padding_mask(text_mask)  # [B, 1, 1, Lt]
+        t, v = self.streams(text_states, image_states)
         for text_layer, image_layer in zip(self.text_layers, self.image_layers):
-            t, v = self.layer_pair(text_layer, image_layer, t, v, packing)
-        t = unpack(t, packing)
+            t, v = self.layer_pair(text_layer, image_layer, t, v, key_mask)
         pooled_text = torch.tanh(self.text_pooler(self.pool(t, text_mask)))  # [B, H]
         pooled_image = torch.tanh(self.image_pooler(self.pool(v, None)))  # [B, H]
         return t, v, torch.cat([pooled_text, pooled_image], dim=-1)  # joint [B, 2H]
@@ -807,12 +743,6 @@ class PTUnifier(nn.Module):
         """Co-attention over both streams -> fused text [B, Lt, H], image [B, Li, H], joint [B, 2H]."""
         t, v, joint = self.fusion(text.states, text.mask, image.states)
         return FusionOutput(t, v, text.mask, joint, text.prompt_indices, image.prompt_indices)
-
-    def fuse_text_rows(self, image: Encoded, text: Encoded, rows: torch.Tensor) -> torch.Tensor:
-        """The fused text stream of a pair at the real positions `rows` (bool [B, Lt]) only -> [M, H]
-        (the MLM pass, Eq. 5-6: its head reads the masked positions and nothing else); equal to
-        fuse(text, image).text[rows], for less work (Fusion.text_rows)."""
-        return self.fusion.text_rows(text.states, text.mask, image.states, rows)
 
     def fuse_encoded(self, image: Encoded | None = None, text: Encoded | None = None) -> FusionOutput:
         """One fusion pass over encoded inputs; the missing modality (at most one) is prompted."""

@@ -11,7 +11,7 @@ A run's config leaves a field at None ("not set") to take the recipe's value; `p
   objectives from the first step, ITC temperature fixed at 0.1.
 - `tiny`: the synthetic benchmark on 2 CPU cores, trained from scratch. Every departure from the
   paper is measured in docs/NOTES.md ("Learning from scratch") and listed in the README
-  ("Choices where the paper is silent").
+  ("Choices where the paper is silent": docs/CHOICES.md).
 """
 import dataclasses
 from dataclasses import dataclass

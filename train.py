@@ -4,15 +4,11 @@
     torchrun --nproc_per_node=8 train.py --preset base --data data/pretrain \
         --vision-init weights/clip-vit-base-patch16 --text-init weights/roberta-base
 
-One optimisation step runs four fusion passes over a batch of B image-text pairs (`PretrainStep`):
-  1. MLM (Eq. 5-6): masked text + its image          -> predict the masked tokens from the text stream
-  2. ITM (Eq. 7-8): text + its image or another one  -> matched or not, from the joint feature
-  3. image-only  : image + textual prompts (Eq. 3-4) -> ITC image embedding
-  4. text-only   : text + visual prompts  (Eq. 3-4)  -> ITC text embedding; ITC (Eq. 9-10) contrasts 3 and 4
-and minimises the weighted sum of the three losses (Eq. 1). The ViT has no dropout, so the true
-images are encoded once for passes 1-3; where the text encoder has no dropout either (the tiny
-preset, or eval mode), the true texts are encoded once for passes 2 and 4. `reuse=False` gives the
-naive step (every pass encodes its inputs), kept for the equivalence test and `bench.py reuse`.
+One optimisation step (step.PretrainStep) runs four fusion passes over a batch of B image-text
+pairs, MLM, ITM and the image-only and text-only passes of ITC, and minimises the weighted sum of
+the three losses (Eq. 1). The step reads nothing back from the device: the loop reads its losses
+once per step, at its end, for the finiteness guard (`step_verdict`), and writes them to
+metrics.jsonl every --log-every steps. `--compile` (default on CUDA) compiles the step whole.
 
 From scratch (the tiny preset), the run starts with passes 3-4 only (ITC alone, "align before
 fuse"): with MLM from the first step, the pooled features that ITC and ITM read stay identical
@@ -44,13 +40,13 @@ from tqdm import tqdm
 
 import synth
 from checkpoint import load_checkpoint, save_checkpoint
-from data import Batch, PretrainDataset, SkipTracker, Tokenizer, locate_tokenizer, make_train_stream
-from losses import LossParts, LossWeights, itc_loss, itm_loss, mlm_loss, total_loss
+from data import PretrainDataset, SkipTracker, Tokenizer, locate_tokenizer, make_train_stream
+from losses import LossWeights
 from model import PTUnifier
 from recipes import build_model, recipe, with_defaults
-from runtime import (Runtime, StopSignal, adamw, any_rank, barrier, cleanup, dataclass_cli, finish_step,
-                     lr_factor, mean_over_ranks, print0, seed_everything, seed_step, set_lr, setup_runtime,
-                     snapshot_buffers)
+from runtime import (Runtime, StopSignal, adamw, barrier, cleanup, dataclass_cli, finish_step, lr_factor,
+                     print0, seed_everything, seed_step, set_lr, setup_runtime, snapshot_buffers)
+from step import PretrainStep, StepOutput
 from zeroshot import zero_shot_retrieval
 
 DEFAULT_DATA = "data/synth/pretrain"  # created on first use by the default run
@@ -102,7 +98,9 @@ class TrainConfig:
     max_bad_images: float = 0.01       # fraction of unreadable images in the split before the run stops
     eval_batch: int = 128              # batch of the zero-shot evaluation at the end
     device: str = "auto"               # auto | cpu | cuda
-    compile: bool = False              # torch.compile the step (GPU)
+    compile: bool | None = None        # torch.compile the step whole (None: on CUDA, not on the CPU)
+    compile_mode: str = "default"      # torch.compile mode: "default", "reduce-overhead" (CUDA graphs),
+                                       # "max-autotune"
     resume: bool = False               # continue from out/checkpoint.safetensors
 
     def resolved(self) -> "TrainConfig":
@@ -126,83 +124,6 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------- one step
-
-@dataclass
-class StepOutput:
-    """What one pre-training step returns: the losses that ran (None for an objective whose weight
-    is 0, and for MLM and ITM in an ITC-only step), their weighted sum (Eq. 1), and the prompts
-    chosen by the ITC passes (for usage statistics and the gradient test; None without ITC)."""
-    losses: LossParts
-    total: torch.Tensor
-    textual_prompts: torch.Tensor | None  # [B, k_t] textual-pool entries chosen for the image-only pass
-    visual_prompts: torch.Tensor | None   # [B, k_v] visual-pool entries chosen for the text-only pass
-
-
-class PretrainStep(nn.Module):
-    """The four passes of one pre-training step as one module, so DDP wraps a single forward.
-    A pass whose objective has weight 0 does not run (the ablations of the paper's Table 3)."""
-
-    def __init__(self, model: PTUnifier, weights: LossWeights, reuse: bool = True):
-        super().__init__()
-        self.model, self.weights, self.reuse = model, weights, reuse
-
-    def objectives(self, itc_only: bool) -> set[str]:
-        """The objectives this step runs: those with a positive weight; ITC alone in an ITC-only step."""
-        run = {name for name in ("mlm", "itm", "itc") if getattr(self.weights, name) > 0}
-        return run & {"itc"} if itc_only else run
-
-    def forward(self, batch: Batch, itc_only: bool = False) -> StepOutput:
-        run = self.objectives(itc_only)
-        passes = (self.shared_passes if self.reuse else self.naive_passes)(batch, run)
-        m, parts = self.model, LossParts()
-        if "mlm" in run:  # passes["mlm"]: the fused text stream at the masked positions [M, H]
-            masked = batch.mlm_labels != -100                                     # [B, L]
-            parts.mlm = mlm_loss(m.mlm_head(passes["mlm"]), batch.mlm_labels[masked])  # Eq. 5-6
-        if "itm" in run:
-            parts.itm = itm_loss(m.itm_head(passes["itm"].joint), batch.itm_labels)  # Eq. 7-8
-        textual = visual = None
-        if "itc" in run:
-            image_only, text_only = passes["image_only"], passes["text_only"]
-            parts.itc = itc_loss(m.itc_image(image_only.joint), m.itc_text(text_only.joint),
-                                 m.logit_scale())                                 # Eq. 9-10
-            textual, visual = image_only.text_prompt_indices, text_only.image_prompt_indices
-        return StepOutput(parts, total_loss(parts, self.weights), textual, visual)  # Eq. 1
-
-    def shared_passes(self, batch: Batch, run: set[str]) -> dict:
-        """The fusion passes of the objectives in `run` ("mlm": the fused text at the masked
-        positions; "itm", "image_only", "text_only": FusionOutputs), with the encoders' outputs
-        shared: one ViT pass over the B true images; without text dropout one encoding of the
-        true texts; the MLM pass fuses only what its head reads (PTUnifier.fuse_text_rows)."""
-        m = self.model
-        image = m.encode_image(batch.pixel_values)                    # [B, 1 + N, Dv], query [B, Dv]
-        share_text = {"itm", "itc"} <= run and (m.config.text_dropout == 0 or not m.training)
-        text = m.encode_text(batch.input_ids, batch.attention_mask) if share_text else None
-        passes = {}
-        if "mlm" in run:  # 1. the masked text with its image, fused only where the head reads it
-            passes["mlm"] = m.fuse_text_rows(image, m.encode_text(batch.mlm_input_ids, batch.attention_mask),
-                                             batch.mlm_labels != -100)
-        if "itm" in run:  # 2. text i with image itm_image_index[i] (itself or another image)
-            passes["itm"] = m.fuse_encoded(image.rows(batch.itm_image_index),
-                                           text or m.encode_text(batch.input_ids, batch.attention_mask))
-        if "itc" in run:  # 3-4. image-only pass (textual prompts), text-only pass (visual prompts)
-            passes["image_only"] = m.fuse_encoded(image, None)
-            passes["text_only"] = m.fuse_encoded(
-                None, text or m.encode_text(batch.input_ids, batch.attention_mask))
-        return passes
-
-    def naive_passes(self, batch: Batch, run: set[str]) -> dict:
-        """The same passes, each encoding its own inputs and fusing every position (what the
-        shared passes must equal)."""
-        m, pixels, ids, mask = self.model, batch.pixel_values, batch.input_ids, batch.attention_mask
-        passes = {}
-        if "mlm" in run:
-            passes["mlm"] = m(pixels, batch.mlm_input_ids, mask).text[batch.mlm_labels != -100]
-        if "itm" in run:
-            passes["itm"] = m(pixels.index_select(0, batch.itm_image_index), ids, mask)
-        if "itc" in run:
-            passes["image_only"], passes["text_only"] = m(pixels), m(input_ids=ids, attention_mask=mask)
-        return passes
-
 
 def end_itc_start(state: dict, itc: float, chance: float, margin: float, decay: float = 0.9) -> bool:
     """Adaptive end of the ITC-only start, after each of its steps: the moving average
@@ -266,8 +187,8 @@ def start_run(cfg: TrainConfig, rt: Runtime) -> Run:
         runner = DistributedDataParallel(runner, device_ids=[rt.local_rank] if rt.device.type == "cuda"
                                          else None, gradient_as_bucket_view=True, bucket_cap_mb=100,
                                          find_unused_parameters=cfg.itc_warmup > 0)
-    if cfg.compile:
-        runner = torch.compile(runner)
+    if cfg.compile:  # one graph (fullgraph) without DDP; DDP's gradient hooks split it into buckets
+        runner = torch.compile(runner, fullgraph=rt.world == 1, mode=cfg.compile_mode)
     chance = math.log(micro * rt.world)
     state = dict(step=0, epoch=0, batch_in_epoch=0, bad_steps=0, skipped_steps=0,
                  itc_only_until=cfg.itc_only_steps(), itc_average=chance)
@@ -295,7 +216,7 @@ def train_step(run: Run, stop: StopSignal) -> tuple[dict[str, torch.Tensor], int
     itc_only = state["step"] < state["itc_only_until"]
     buffers = snapshot_buffers(run.model)
     losses, n_samples = accumulate_gradients(run, itc_only)
-    bad, stopping = any_rank([not torch.isfinite(losses["loss"]).item(), stop.received is not None], rt)
+    bad, stopping, itc = step_verdict(losses, stop.received is not None, rt)  # the step's one sync
     finish_step(run.model, run.optimizer, run.scaler, cfg.clip_grad, buffers, finite=not bad)
     state["bad_steps"] = state["bad_steps"] + 1 if bad else 0
     state["skipped_steps"] += bad
@@ -306,8 +227,30 @@ def train_step(run: Run, stop: StopSignal) -> tuple[dict[str, torch.Tensor], int
                          f"{Path(cfg.out) / 'checkpoint.safetensors'}. Lower the learning rate or check the data.")
     state["step"] += 1
     if itc_only and not bad and cfg.itc_escape > 0:
-        check_itc_start(run, mean_over_ranks(losses["itc"], rt))
+        check_itc_start(run, itc)
     return losses, n_samples, stopping
+
+
+def compiled_graphs(cfg: TrainConfig) -> int:
+    """Graphs that torch.compile has made in this process so far (TorchDynamo's counter); 0
+    without --compile."""
+    if not cfg.compile:
+        return 0
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
+
+
+def step_verdict(losses: dict[str, torch.Tensor], stop: bool, rt: Runtime) -> tuple[bool, bool, float]:
+    """What every rank decides at the end of a step, from one all-reduce and one read from the
+    device (the step's only sync): (a loss was not finite on some rank, some rank was asked to
+    stop, the ITC loss averaged over ranks; 0 when ITC did not run)."""
+    itc = losses.get("itc", torch.zeros((), device=rt.device))
+    verdict = torch.stack([(~torch.isfinite(losses["loss"])).float(),
+                           torch.tensor(float(stop), device=rt.device), itc.float() / rt.world])  # [3]
+    if rt.world > 1:
+        torch.distributed.all_reduce(verdict)  # sums: a flag > 0 on any rank stays > 0
+    bad, stopping, itc = verdict.tolist()
+    return bad > 0, stopping > 0, itc
 
 
 def accumulate_gradients(run: Run, itc_only: bool) -> tuple[dict[str, torch.Tensor], int]:
@@ -374,8 +317,9 @@ class PromptUsage:
 
     def add(self, out: StepOutput) -> None:
         if out.textual_prompts is not None:  # the ITC passes ran
-            self.textual += torch.bincount(out.textual_prompts.flatten(), minlength=len(self.textual))
-            self.visual += torch.bincount(out.visual_prompts.flatten(), minlength=len(self.visual))
+            for counts, chosen in ((self.textual, out.textual_prompts), (self.visual, out.visual_prompts)):
+                chosen = chosen.flatten()  # [B * k]; a fixed-size count (bincount sizes itself on the host)
+                counts.index_add_(0, chosen, torch.ones_like(chosen))
 
     def summary(self) -> dict:
         return dict(train_textual_prompts_used=int((self.textual > 0).sum()),
@@ -437,8 +381,9 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.data == DEFAULT_DATA and rt.master:  # the default run creates the benchmark on first use
         synth.ensure(Path(DEFAULT_DATA).parent)
     barrier(rt)
-    if cfg.workers is None:
-        cfg = dataclasses.replace(cfg, workers=8 if rt.device.type == "cuda" else 1)
+    on_cuda = rt.device.type == "cuda"
+    cfg = dataclasses.replace(cfg, workers=(8 if on_cuda else 1) if cfg.workers is None else cfg.workers,
+                              compile=on_cuda if cfg.compile is None else cfg.compile)
     run = start_run(cfg, rt)
     stop = StopSignal()
     log = open(Path(cfg.out) / "metrics.jsonl", "a") if rt.master else None
@@ -447,7 +392,11 @@ def train(cfg: TrainConfig) -> dict:
     try:
         t_last, samples_since = time.perf_counter(), 0
         while run.state["step"] < cfg.steps:
+            graphs, started = compiled_graphs(cfg), time.perf_counter()
             losses, n_samples, stopping = train_step(run, stop)
+            if compiled_graphs(cfg) > graphs:  # the first step, the first full step, a new text shape
+                print0(rt, f"\nstep {run.state['step']}: compiled the step in {time.perf_counter() - started:.1f} s "
+                           f"(graph {compiled_graphs(cfg)})")
             samples_since += n_samples * rt.world
             bar.update(1)
             step = run.state["step"]
@@ -493,7 +442,9 @@ def parse_args(argv=None) -> TrainConfig:
                        "(None: the whole per-process batch)",
         "workers": "DataLoader workers per process; 0 loads in the main process (None: 1 on CPU, 8 on CUDA)",
         "resume": "continue exactly from OUT/checkpoint.safetensors",
-        "compile": "torch.compile the model (CUDA; slow to start, faster steps)",
+        "compile": "torch.compile the step whole (default on CUDA; on the CPU the tiny step compiles in "
+                   "longer than the compiled steps save: docs/NOTES.md)",
+        "compile_mode": "torch.compile mode; reduce-overhead replays the step as CUDA graphs",
         "itc_warmup": "most steps, as a fraction, at the start that train ITC alone; lets a from-scratch "
                       "model align before MLM and ITM join",
         "itc_escape": "MLM and ITM join as soon as the ITC moving average is this many nats below ln B "

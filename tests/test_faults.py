@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 import checkpoint
 import data
 import synth
+import step
 import train
 from checkpoint import CheckpointError, read_checkpoint
 from hf import WeightLoadError, config_from_hf, load_hf_encoders
@@ -510,7 +511,7 @@ def test_non_finite_losses_are_skipped_then_stop_with_the_last_good_parameters(b
     stops and saves the parameters from the start of step 3, the first of the bad run."""
     clock = SignalAt(monkeypatch)
     poison = {1: float("inf"), 3: float("nan"), 4: float("nan")}
-    make_optimizer, mlm_loss = train.make_optimizer, train.mlm_loss
+    make_optimizer, mlm_loss = train.make_optimizer, step.mlm_loss
 
     def capture_model(model, *rest):
         clock.model = model
@@ -520,7 +521,7 @@ def test_non_finite_losses_are_skipped_then_stop_with_the_last_good_parameters(b
         return mlm_loss(*a) * poison.get(clock.current, 1.0)
 
     monkeypatch.setattr(train, "make_optimizer", capture_model)
-    monkeypatch.setattr(train, "mlm_loss", poisoned_mlm_loss)
+    monkeypatch.setattr(step, "mlm_loss", poisoned_mlm_loss)
     out = tmp_path / "run"
     with pytest.raises(SystemExit, match=r"2 consecutive steps had a non-finite loss") as err:
         train.main(args(bench, out, "--steps", "8", "--max-bad-steps", "2", "--itc-warmup", "0"))  # MLM runs

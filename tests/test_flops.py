@@ -21,11 +21,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
-import train
 from bench import step_flops, synthetic_batch
 from losses import LossWeights
 from model import PTUnifier
 from recipes import RECIPES
+from step import PretrainStep
 
 # Every width 8, MLP 16, one layer per stack; 8 px images of 4 px patches: N = 4 patches.
 SMALL = dataclasses.replace(
@@ -33,7 +33,9 @@ SMALL = dataclasses.replace(
     vision_mlp=16, vocab_size=32, text_width=8, text_layers=1, text_heads=2, text_mlp=16,
     max_positions=16, max_text_len=6, hidden_size=8, fusion_layers=1, fusion_heads=2,
     fusion_mlp=16, pool_size=4, k_visual=2, k_textual=2, embed_dim=4, vision_stem="patch")
-B, L = 2, 6  # 2 pairs, 6 tokens each; MLM positions round(0.15 * 2 * 6) = 2
+B, L = 2, 6  # 2 pairs, 6 tokens each
+P = 6  # MLM positions per text: 2 masked tokens, the bucket of 8 capped at L (data.mlm_positions)
+ROWS = B * P  # the rows the MLM head reads
 
 
 def hand_count_forward(reuse: bool) -> dict:
@@ -60,11 +62,11 @@ def hand_count_forward(reuse: bool) -> dict:
         poolers = 2 * B * 2 * 8 * 8
         return proj + text_stream + image_stream + attn + poolers
 
-    # With reuse the MLM pass fuses only its 2 masked rows in its (last) layer: the text stream's
-    # self-attention on all 6 tokens, cross-attention k/v once per image (5 tokens), then queries,
-    # out and FFN of the 2 rows, each attending to 5 keys; no image stream, no poolers.
+    # With reuse the MLM pass fuses only its 12 position rows in its (last) layer: the text
+    # stream's self-attention on all 6 tokens, cross-attention k/v once per image (5 tokens), then
+    # queries, out and FFN of the 12 rows, each attending to 5 keys; no image stream, no poolers.
     mlm_rows = (B * 2 * (6 + 5) * 8 * 8 + B * 6 * 2 * 4 * 64 + attention(6, 6) + B * 5 * 2 * 2 * 64
-                + 2 * 2 * (2 * 64 + 2 * 8 * 16) + 2 * 2 * 2 * 5 * 8)  # = 15680
+                + ROWS * 2 * (2 * 64 + 2 * 8 * 16) + ROWS * 2 * 2 * 5 * 8)  # = 24960
     return {
         "vision": (1 if reuse else 3) * vit_images + vit_prompts,
         # MLM's masked texts, ITM's and text-only's texts (one encoding with reuse: SMALL has no
@@ -73,7 +75,7 @@ def hand_count_forward(reuse: bool) -> dict:
         # MLM, ITM; image-only; text-only
         "fusion": (mlm_rows if reuse else fusion(6, 5)) + fusion(6, 5) + fusion(4, 5) + fusion(6, 3),
         "prompt_scoring": 2 * (B * 2 * 4 * 8),  # [2, 8] @ [8, 4] for each of the two pools
-        "mlm_head": 2 * 2 * (8 * 8 + 8 * 32),  # 2 masked tokens: dense 8x8, decoder 8x32
+        "mlm_head": ROWS * 2 * (8 * 8 + 8 * 32),  # 12 position rows: dense 8x8, decoder 8x32
         "itm_head": B * 2 * 16 * 2,  # joint 16 -> 2
         "itc_head": 2 * (B * 2 * 16 * 4) + 2 * (2 * B * B * 4),  # two projections; logits both ways
     }
@@ -83,8 +85,8 @@ def hand_count_forward(reuse: bool) -> dict:
 def test_step_flops_matches_hand_count(reuse):
     fwd = hand_count_forward(reuse)
     assert fwd["vision"] == (17984 if reuse else 3 * 17984) + 6720  # spot values for the reader
-    assert fwd["fusion"] == (15680 if reuse else 44864) + 44864 + 2 * 35648
-    got = step_flops(SMALL, B, L, reuse=reuse)
+    assert fwd["fusion"] == (24960 if reuse else 44864) + 44864 + 2 * 35648
+    got = step_flops(SMALL, B, L, reuse=reuse, positions=P)
     for key, value in fwd.items():
         assert got["forward"][key] == value, key
         assert got[key] == (value if key == "prompt_scoring" else 3 * value), key
@@ -93,12 +95,12 @@ def test_step_flops_matches_hand_count(reuse):
 
 
 def test_reuse_saves_two_vit_passes_and_one_text_pass():
-    with_reuse, naive = step_flops(SMALL, B, L, True), step_flops(SMALL, B, L, False)
-    # text: 2*6*1024 + 2304; the MLM fusion of the 2 masked rows: 44864 - 15680
-    assert naive["total"] - with_reuse["total"] == 3 * (2 * 17984 + 14592 + 44864 - 15680)
+    with_reuse, naive = step_flops(SMALL, B, L, True, P), step_flops(SMALL, B, L, False, P)
+    # text: 2*6*1024 + 2304; the MLM fusion of the 12 position rows: 44864 - 24960
+    assert naive["total"] - with_reuse["total"] == 3 * (2 * 17984 + 14592 + 44864 - 24960)
     dropout = dataclasses.replace(SMALL, text_dropout=0.1)  # the texts differ per pass in training
-    assert (step_flops(dropout, B, L, False)["total"] - step_flops(dropout, B, L, True)["total"]
-            == 3 * (2 * 17984 + 44864 - 15680))
+    assert (step_flops(dropout, B, L, False, P)["total"] - step_flops(dropout, B, L, True, P)["total"]
+            == 3 * (2 * 17984 + 44864 - 24960))
 
 
 def counted(fn) -> int:
@@ -124,24 +126,25 @@ def test_one_text_only_pass_matches_flop_counter(small_model):
 @pytest.mark.parametrize("reuse", [True, False])
 def test_step_forward_matches_flop_counter(small_model, reuse):
     batch = synthetic_batch(SMALL, B, L)
-    step = train.PretrainStep(small_model, LossWeights(), reuse=reuse)
-    assert counted(lambda: step(batch)) == step_flops(SMALL, B, L, reuse)["forward"]["total"]
+    assert batch.mlm_positions.shape == (B, P)
+    step = PretrainStep(small_model, LossWeights(), reuse=reuse)
+    assert counted(lambda: step(batch)) == step_flops(SMALL, B, L, reuse, P)["forward"]["total"]
 
 
 def test_texts_are_encoded_per_pass_under_dropout_in_training():
     """With text dropout, passes 2 and 4 see different dropout draws, so the step encodes twice."""
     cfg = dataclasses.replace(SMALL, text_dropout=0.1)
     torch.manual_seed(0)
-    step = train.PretrainStep(PTUnifier(cfg).train(), LossWeights(), reuse=True)
+    step = PretrainStep(PTUnifier(cfg).train(), LossWeights(), reuse=True)
     batch = synthetic_batch(cfg, B, L)
-    assert counted(lambda: step(batch)) == step_flops(cfg, B, L, True)["forward"]["total"]
-    assert step_flops(cfg, B, L, True)["forward"]["text"] == 3 * 14592 + 2 * 4 * 1024 + 2 * 2 * 2 * 4 * 4 * 8
+    assert counted(lambda: step(batch)) == step_flops(cfg, B, L, True, P)["forward"]["total"]
+    assert step_flops(cfg, B, L, True, P)["forward"]["text"] == 3 * 14592 + 2 * 4 * 1024 + 2 * 2 * 2 * 4 * 4 * 8
 
 
 @pytest.mark.parametrize("reuse", [True, False])
 def test_step_forward_backward_is_three_forwards(small_model, reuse):
     batch = synthetic_batch(SMALL, B, L)
-    step = train.PretrainStep(small_model, LossWeights(), reuse=reuse)
+    step = PretrainStep(small_model, LossWeights(), reuse=reuse)
     got = counted(lambda: step(batch).total.backward())
     conv_input_grad = (1 if reuse else 3) * B * 4 * 2 * (3 * 4 * 4) * 8  # pixels need no gradient
     # The naive MLM pass (Lt = 6, Li = 5) computes what no loss reads: the image stream of its only
@@ -149,7 +152,7 @@ def test_step_forward_backward_is_three_forwards(small_model, reuse):
     # 5 + 6 keys) and the two poolers. With reuse that pass runs only what MLM reads.
     dead_forward = 0 if reuse else (B * 2 * (5 * (6 * 64 + 2 * 8 * 16) + 6 * 2 * 64)
                                     + B * 4 * (5 * 5 + 5 * 6) * 8 + 2 * B * 2 * 8 * 8)
-    assert got == step_flops(SMALL, B, L, reuse)["total"] - conv_input_grad - 2 * dead_forward
+    assert got == step_flops(SMALL, B, L, reuse, P)["total"] - conv_input_grad - 2 * dead_forward
 
 
 def test_conv_stem_flops_match_hand_count_and_counter():
@@ -159,7 +162,7 @@ def test_conv_stem_flops_match_hand_count_and_counter():
     hand = 2 * B * (4 * 4 * 9 * 3 * 8 + 2 * 2 * 9 * 8 * 8 + 2 * 2 * 8 * 8)  # 13824 + 9216 + 1024
     assert bench.stem_flops(cfg, B) == hand == 24064
     torch.manual_seed(0)
-    step = train.PretrainStep(PTUnifier(cfg).eval(), LossWeights())
+    step = PretrainStep(PTUnifier(cfg).eval(), LossWeights())
     batch = synthetic_batch(cfg, B, L)
-    assert counted(lambda: step(batch)) == step_flops(cfg, B, L)["forward"]["total"]
-    assert step_flops(cfg, B, L)["forward"]["vision"] - step_flops(SMALL, B, L)["forward"]["vision"] == hand - 6144
+    assert counted(lambda: step(batch)) == step_flops(cfg, B, L, positions=P)["forward"]["total"]
+    assert step_flops(cfg, B, L, positions=P)["forward"]["vision"] - step_flops(SMALL, B, L, positions=P)["forward"]["vision"] == hand - 6144

@@ -197,9 +197,8 @@ def test_padding_content_does_not_change_real_outputs():
 
 
 def test_a_padded_batch_equals_each_text_alone():
-    """The text encoder and the fusion skip the pads (model.Packing): every text of a padded batch
-    gets the states, fused stream and joint feature it gets alone, unpadded; pads come back as
-    zeros. Gradients reach the same parameters either way."""
+    """Pads are keys that no token attends to: every text of a padded batch gets the states, fused
+    stream and joint feature it gets alone, unpadded. Gradients reach every text parameter."""
     torch.manual_seed(3)
     model = PTUnifier(dataclasses.replace(RECIPES["tiny"].model, fusion_layers=2)).eval()
     pixels = torch.randn(3, 3, 64, 64)
@@ -214,7 +213,6 @@ def test_a_padded_batch_equals_each_text_alone():
         torch.testing.assert_close(batch.text[i, :n], alone.text[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(batch.image[i], alone.image[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(batch.joint[i], alone.joint[0], rtol=1e-5, atol=1e-5)
-        assert not states[i, n:].any() and not batch.text[i, n:].any()
     batch.joint.sum().backward()
     assert all(p.grad is not None for p in model.text.parameters())
 
@@ -271,21 +269,25 @@ def test_reused_vit_pass_equals_a_full_pass():
         model.fuse_encoded()
 
 
-def test_fully_real_batches_use_no_attention_mask(monkeypatch):
-    assert key_padding_mask(torch.ones(2, 5)) is None
-    mask = torch.tensor([[1, 1, 0]])
-    assert key_padding_mask(mask).tolist() == [[[[True, True, False]]]]
+def test_text_keys_always_take_the_mask_and_image_keys_none(monkeypatch):
+    """Every attention over text keys gets the text's padding mask, even when every token is real
+    (deciding to drop it would read the mask back from the device: a sync, and a step whose kernels
+    depend on the data); attention over image or prompt keys gets none."""
+    assert key_padding_mask(None) is None
+    assert key_padding_mask(torch.tensor([[1, 1, 0]])).tolist() == [[[[True, True, False]]]]
+    assert key_padding_mask(torch.ones(2, 5)).shape == (2, 1, 1, 5)
     seen = []
     real_sdpa = F.scaled_dot_product_attention
 
-    def spy(*args, **kwargs):
-        seen.append(kwargs["attn_mask"])
-        return real_sdpa(*args, **kwargs)
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        seen.append((k.shape[-2], attn_mask))
+        return real_sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
 
     monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", spy)
     model = PTUnifier(RECIPES["tiny"].model).eval()
     model(pixel_values=torch.randn(1, 3, 64, 64), input_ids=torch.randint(5, 99, (1, 6)))
-    assert seen and all(m is None for m in seen)
+    keys = {length: {mask is None for length2, mask in seen if length2 == length} for length, _ in seen}
+    assert keys == {6: {False}, 17: {True}}  # 6 text tokens (all real), 1 + 16 image tokens
 
 
 def test_heads_and_temperature():
@@ -416,6 +418,17 @@ def test_presets_and_round_trip():
     assert (base.fusion_layers, base.pool_size, base.k_visual, base.k_textual) == (6, 1024, 49, 32)
     assert (tiny.image_size, tiny.patch_size, tiny.vision_width, tiny.pool_size) == (64, 16, 128, 64)
     assert (tiny.k_visual, tiny.k_textual, tiny.max_text_len) == (16, 16, 64)
+
+
+def test_the_from_scratch_departures_are_the_last_fields_and_base_takes_none():
+    """Config.FROM_SCRATCH names the fields that exist only for the tiny recipe's departures from
+    the paper: the last fields of the dataclass; `base` keeps the paper's value (the default) in
+    each, and `tiny` departs in each."""
+    names = [f.name for f in dataclasses.fields(Config)]
+    assert tuple(names[-len(Config.FROM_SCRATCH):]) == Config.FROM_SCRATCH
+    paper, tiny, base = Config(), RECIPES["tiny"].model, RECIPES["base"].model
+    for name in Config.FROM_SCRATCH:
+        assert getattr(base, name) == getattr(paper, name) != getattr(tiny, name), name
 
 
 def test_config_validation_names_the_fields():
@@ -564,19 +577,3 @@ def test_mean_pooling_reads_the_mean_of_the_real_tokens():
     text_mean = torch.stack([out.text[0].mean(0), out.text[1, :4].mean(0)])
     expected = torch.cat([torch.tanh(f.text_pooler(text_mean)), torch.tanh(f.image_pooler(out.image.mean(1)))], -1)
     torch.testing.assert_close(out.joint, expected)
-
-
-def test_fusing_only_the_masked_text_rows_equals_the_full_pass():
-    """PTUnifier.fuse_text_rows (the MLM pass: the last layer fuses only the wanted text rows and
-    skips the image stream) equals the full fusion pass at those rows, for 1 and 2 fusion layers."""
-    for layers in (1, 2):
-        torch.manual_seed(layers)
-        model = PTUnifier(dataclasses.replace(RECIPES["tiny"].model, fusion_layers=layers)).eval()
-        ids = torch.randint(5, 4096, (3, 9))
-        mask = torch.ones_like(ids)
-        mask[2, 6:] = 0
-        rows = (torch.rand(3, 9) < 0.3) & mask.bool()  # MLM masks real tokens only
-        rows[0, 1] = True
-        image, text = model.encode_image(torch.randn(3, 3, 64, 64)), model.encode_text(ids, mask)
-        full = model.fuse_encoded(image, text).text[rows]
-        torch.testing.assert_close(model.fuse_text_rows(image, text, rows), full, rtol=1e-5, atol=1e-5)

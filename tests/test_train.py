@@ -279,9 +279,8 @@ def test_an_objective_with_weight_zero_does_not_run(synth_dir, weights, passes):
     model = tiny_model(tok).eval()
     batch = first_batch(synth_dir, tok, model)
     full = train.PretrainStep(model, LossWeights())(batch)
-    calls, fuse, fuse_rows = [], model.fuse, model.fuse_text_rows
-    model.fuse = lambda *args: calls.append(1) or fuse(*args)  # the ITM and ITC passes
-    model.fuse_text_rows = lambda *args: calls.append(1) or fuse_rows(*args)  # the MLM pass
+    calls, streams = [], model.fusion.streams
+    model.fusion.streams = lambda *args: calls.append(1) or streams(*args)  # once per fusion pass
     model.zero_grad()
     out = train.PretrainStep(model, LossWeights(*weights))(batch)
     out.total.backward()

@@ -1,0 +1,18 @@
+"""bench.py's plumbing: the command a person lent a GPU runs once must not fail on its first try.
+(Nothing is timed here; the numbers are bench.py's to print.)"""
+import json
+
+import bench
+
+
+def test_the_gpu_command_runs_end_to_end_on_the_cpu(tmp_path, monkeypatch, capsys):
+    """`bench.py gpu` with the tiny preset on the CPU, two batch sizes, no compiled rows: the step
+    rows, the loader rows on freshly rendered PNG files, one table, the JSON."""
+    monkeypatch.chdir(tmp_path)
+    bench.main(["gpu", "--device", "cpu", "--preset", "tiny", "--batches", "4", "8", "--compiled-batch", "0",
+                "--render", "16", "--workers", "0", "--data-batches", "2", "--repeats", "1", "--warmup", "0"])
+    result = json.loads((tmp_path / "bench_results" / "gpu.json").read_text())
+    assert [r["variant"] for r in result["rows"]] == ["eager B=4", "eager B=8"]
+    assert [r["source"] for r in result["data_rows"]][1:] == ["loader, 0 workers, 64 px files"]
+    assert result["data_rows"][0]["source"].startswith("fastest step: eager B=")
+    assert "samples/s" in capsys.readouterr().out
