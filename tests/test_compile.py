@@ -54,10 +54,16 @@ def train_steps(s: bench.Setup, module, steps: int) -> list[tuple[dict, dict]]:
     return out
 
 
+def fresh_dynamo() -> None:
+    """Forget every compiled graph and zero TorchDynamo's counters."""
+    torch._dynamo.reset()
+    counters.clear()
+
+
 def test_the_tiny_step_compiles_whole_and_gives_eager_numbers():
     """fullgraph=True: any graph break would raise. Three steps of the compiled step (Inductor)
     from the same weights give eager's losses and gradients within RTOL / ATOL."""
-    torch._dynamo.reset()
+    fresh_dynamo()
     eager, compiled = tiny_setup(), tiny_setup()
     step = torch.compile(PretrainStep(compiled.model, LossWeights()), fullgraph=True)
     expected = train_steps(eager, PretrainStep(eager.model, LossWeights()), 3)
@@ -83,7 +89,7 @@ def test_a_compiled_run_makes_a_graph_per_text_shape_at_most(synth_dir, tmp_path
     """A real run with --compile (3 ITC-only steps, then full steps over batches of several text
     lengths and MLM widths) makes at most one graph per (kind of step, text shape) it meets: the
     data loader's buckets bound the recompiles (TorchDynamo's automatic dynamic shapes may make fewer)."""
-    torch._dynamo.reset()
+    fresh_dynamo()
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     steps, batch = 10, 8
     cfg = train.TrainConfig(data=str(synth_dir / "pretrain"), out=str(tmp_path), steps=steps, batch_size=batch,
