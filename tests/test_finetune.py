@@ -2,6 +2,7 @@
 selection on val only, test evaluated once on the best checkpoint, VQA out-of-vocabulary answers,
 clear errors for label-count and vocabulary mismatches, and a 2-process DDP run."""
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -253,6 +254,37 @@ def test_resume_needs_the_same_data_stream(bench, tmp_path):
                       [], ft.FinetuneConfig(), dict(epoch=1))  # a best.safetensors-like file: no loop state
     with pytest.raises(CheckpointError, match="not a fine-tune's checkpoint to resume from"):
         ft.finetune(run_cfg(root, "ic", tmp_path, resume="strict"))
+
+
+def test_itm_rerank_scores_the_top_k_by_the_match_probability_of_each_pair(bench):
+    """Each query's top-k ITC candidates score 2 + P(match), the ITM head's probability on a fusion
+    pass of that image with that text alone (unpadded, computed here pair by pair); every other
+    candidate keeps its ITC score, so the top k come first in the order of P(match)."""
+    root, tok = bench
+    model = ft.FinetuneModel(tiny_backbone(tok), ft.TASKS["retrieval"]).eval()
+    ctx = ft.EvalContext(root / "retrieval", tok, [], ft.setup_runtime("cpu"),
+                         ft.FinetuneConfig(task="retrieval", eval_batch=5, workers=0))  # texts padded per 5
+    ds = TaskDataset(root / "retrieval", "test", tok, 64, 40, train=False)
+    batch = ds.collate([ds[i] for i in range(len(ds))])
+    sim = torch.rand(len(ds), len(ds), generator=torch.Generator().manual_seed(0)) * 2 - 1  # [N_img, N_txt]
+    b, k = model.backbone, 3
+
+    @functools.cache
+    def p_match(i: int, j: int) -> float:
+        ids = batch.input_ids[j][batch.attention_mask[j].bool()][None]  # [1, L_j]
+        joint = b(pixel_values=batch.pixel_values[i:i + 1], input_ids=ids).joint
+        return b.itm_head(joint).softmax(-1)[0, 1].item()
+
+    with torch.no_grad():
+        i2t, t2i = ft.itm_rerank(model, ctx, "test", sim, k)
+        expected_i2t, expected_t2i = sim.clone(), sim.clone()
+        for q in range(len(ds)):
+            for j in sim[q].topk(k).indices.tolist():        # image q's top-k texts
+                expected_i2t[q, j] = 2 + p_match(q, j)
+            for i in sim[:, q].topk(k).indices.tolist():     # text q's top-k images
+                expected_t2i[i, q] = 2 + p_match(i, q)
+    torch.testing.assert_close(i2t, expected_i2t, rtol=0, atol=1e-5)
+    torch.testing.assert_close(t2i, expected_t2i, rtol=0, atol=1e-5)
 
 
 def test_vqa_out_of_vocabulary_gold_counts_wrong(bench, tmp_path):
