@@ -277,22 +277,24 @@ def test_train_starts_from_hugging_face_folders(synth_dir, hf_folders, tmp_path)
     meta, tensors = read_checkpoint(out / "checkpoint.safetensors")
     assert meta["state"]["step"] == 2
     assert (meta["model_config"]["vision_stem"], meta["model_config"]["vision_width"]) == ("patch", 64)
-    pairs = {"model/vision.patch_embed.weight": clip.vision_model.embeddings.patch_embedding.weight,
-             "model/text.word_embeddings.weight": roberta.embeddings.word_embeddings.weight}
-    for name, hf_tensor in pairs.items():
-        assert torch.equal(tensors[name], hf_tensor.detach()), name
+    hf_state = {**clip.state_dict(), **roberta.state_dict()}
+    for ours, theirs in (("vision.patch_embed.weight", "embeddings.patch_embedding.weight"),
+                         ("text.word_embeddings.weight", "embeddings.word_embeddings.weight")):
+        assert torch.equal(tensors[f"model/{ours}"], hf_state[theirs]), ours
     fresh = tiny_model(Tokenizer.load(synth_dir / "tokenizer.json"))  # the fusion layers did move
     assert not torch.equal(tensors["model/fusion.text_layers.0.fc1.weight"], fresh.fusion.text_layers[0].fc1.weight)
 
 
 def test_two_processes_train_what_one_process_does(synth_dir, hf_folders, tmp_path):
-    """torchrun with 2 gloo processes x 4 pairs against 1 process x 8 pairs, the same global batch:
-    the losses and the parameters agree to float rounding, and rank 0 alone writes the run folder.
-    ITC-only steps with a CLIP (patch-stem) ViT: ITC and its batch norm gather every rank's rows,
-    while the tiny conv stem's BatchNorm, the ITM negatives and the MLM mean are per rank in DDP,
-    so a full tiny step on 2 processes is not a 1-process step."""
+    """torchrun with 2 gloo processes x 4 pairs against 1 process x 8 pairs, the same global batch,
+    one step: the same gradient to float rounding (AdamW's first moment after one step is 0.1 x the
+    clipped gradient; the parameters would not compare: Adam turns the rounding noise of gradients
+    that are 0, like a bias before a batch norm, into steps of the full rate), and rank 0 alone
+    writes the run folder. An ITC-only step with a CLIP (patch-stem) ViT: ITC and its batch norm
+    gather every rank's rows, where the tiny conv stem's BatchNorm, the ITM negatives and the MLM
+    mean are per rank in DDP, so a full tiny step on 2 processes is not a 1-process step."""
     clip_dir, roberta_dir, _, _ = hf_folders
-    extra = ("--steps", "3", "--itc-warmup", "1", "--vision-init", str(clip_dir), "--text-init", str(roberta_dir),
+    extra = ("--steps", "1", "--itc-warmup", "1", "--vision-init", str(clip_dir), "--text-init", str(roberta_dir),
              "--tokenizer", str(synth_dir / "tokenizer.json"))
     train.main(run_args(synth_dir, tmp_path / "one", *extra))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
@@ -302,14 +304,12 @@ def test_two_processes_train_what_one_process_does(synth_dir, hf_folders, tmp_pa
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert json.loads((tmp_path / "two" / "config.json").read_text())["world_size"] == 2
     assert proc.stdout.count("zero-shot retrieval on") == 1  # rank 0 alone evaluates
-    rows = {n: [json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
-            for n in ("one", "two")}
-    assert [r["step"] for r in rows["two"]] == [1, 2, 3]
-    for a, b in zip(rows["one"], rows["two"]):
-        assert b["itc"] == pytest.approx(a["itc"], rel=1e-5)
     (_, one), (_, two) = (read_checkpoint(tmp_path / n / "checkpoint.safetensors") for n in ("one", "two"))
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
+    moments = [name for name in one if name.endswith("/exp_avg")]
+    largest = max(one[name].abs().max().item() for name in moments)
+    assert len(moments) > 50 and largest > 0
+    for name in moments:  # to 1e-5 of the largest entry (float rounding: about 1e-6 of it)
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5 * largest, msg=name)
 
 
 def test_lr_schedule_warmup_then_linear_decay():
