@@ -264,7 +264,8 @@ def test_itm_rerank_scores_the_top_k_by_the_match_probability_of_each_pair(bench
     model = ft.FinetuneModel(tiny_backbone(tok), ft.TASKS["retrieval"]).eval()
     ctx = ft.EvalContext(root / "retrieval", tok, [], ft.setup_runtime("cpu"),
                          ft.FinetuneConfig(task="retrieval", eval_batch=5, workers=0))  # texts padded per 5
-    ds = TaskDataset(root / "retrieval", "test", tok, 64, 40, train=False)
+    cfg = model.backbone.config
+    ds = TaskDataset(root / "retrieval", "test", tok, cfg.image_size, cfg.max_text_len, train=False)
     batch = ds.collate([ds[i] for i in range(len(ds))])
     sim = torch.rand(len(ds), len(ds), generator=torch.Generator().manual_seed(0)) * 2 - 1  # [N_img, N_txt]
     b, k = model.backbone, 3
