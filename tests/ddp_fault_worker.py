@@ -36,9 +36,10 @@ def inject(program, kind: str, at: int) -> None:
         original(seed, rank, step)
 
     program.seed_step = seed_step
-    if kind == "nan":
-        total_loss = program.total_loss
-        program.total_loss = lambda *a: total_loss(*a) * (float("nan") if current["step"] == at else 1.0)
+    if kind == "nan":  # the weighted sum of the step's losses (Eq. 1), where the step module reads it
+        step_module = sys.modules[program.PretrainStep.__module__]
+        total_loss = step_module.total_loss
+        step_module.total_loss = lambda *a: total_loss(*a) * (float("nan") if current["step"] == at else 1.0)
 
 
 def main(name: str, args: list[str]) -> None:

@@ -85,31 +85,29 @@ def test_gradients_reach_exactly_the_selected_prompts(synth_dir):
         assert torch.equal(touched, expected)
 
 
-def count_calls(model, names) -> dict[str, int]:
-    """Count the calls of the model's methods `names` from now on."""
-    calls = dict.fromkeys(names, 0)
-    for name in names:
-        method = getattr(model, name)
-        setattr(model, name, lambda *a, _name=name, _method=method, **k:
-                calls.__setitem__(_name, calls[_name] + 1) or _method(*a, **k))
-    return calls
+def count_calls(calls: dict, owner, name: str) -> None:
+    """Count the calls of owner.name in calls[name] from now on."""
+    method, calls[name] = getattr(owner, name), 0
+    setattr(owner, name, lambda *a, **k: calls.__setitem__(name, calls[name] + 1) or method(*a, **k))
 
 
 def test_itc_only_step_runs_passes_3_and_4_only(synth_dir):
     """The warm-up step: ITC alone (same value as in the full step): one ViT pass, one text
-    encoding, two fusion passes (image-only, text-only), no MLM/ITM pass, heads untouched. The full
-    step runs the four passes (MLM, ITM, image-only, text-only) from one ViT pass."""
+    encoding, two fusion passes (image-only, text-only: Fusion.streams starts each pass), no
+    MLM/ITM pass, heads untouched. The full step runs its four passes from one ViT pass."""
     tok = Tokenizer.load(synth_dir / "tokenizer.json")
     model = tiny_model(tok).eval()
     batch = first_batch(synth_dir, tok, model)
-    calls = count_calls(model, ("encode_image", "encode_text", "fuse", "fuse_text_rows"))
+    calls = {}
+    for owner, name in ((model, "encode_image"), (model, "encode_text"), (model.fusion, "streams")):
+        count_calls(calls, owner, name)
     full = train.PretrainStep(model, LossWeights())(batch)
-    assert calls == dict(encode_image=1, encode_text=2, fuse=3, fuse_text_rows=1)  # texts: masked, true
+    assert calls == dict(encode_image=1, encode_text=2, streams=4)  # texts: the masked one, the true one
     calls.update(dict.fromkeys(calls, 0))
     model.zero_grad()
     warm = train.PretrainStep(model, LossWeights())(batch, itc_only=True)
     warm.total.backward()
-    assert calls == dict(encode_image=1, encode_text=1, fuse=2, fuse_text_rows=0)
+    assert calls == dict(encode_image=1, encode_text=1, streams=2)
     assert warm.losses.mlm is None and warm.losses.itm is None
     torch.testing.assert_close(warm.losses.itc, full.losses.itc, rtol=0, atol=1e-6)
     torch.testing.assert_close(warm.total, 0.1 * full.losses.itc, rtol=0, atol=1e-6)
