@@ -1,14 +1,16 @@
 """The checkpoint contract: one safetensors file, written atomically, never unpickled.
 
-A checkpoint holds every tensor of the model ("model/<name>") and of the optimizer
-("optim/<param index>/<key>") in safetensors format; everything else sits in the file's JSON
-metadata: the model Config, the training config, the loop state (step, data position, skipped
-steps), the optimizer's hyper-parameters and the GradScaler state. The learning-rate schedule is a
-pure function of the step and the training config, and the random state of a step is a function of
-(seed, rank, step) (train.py reseeds every step), so the step restores both exactly.
+A checkpoint holds every tensor of the model ("model/<name>"), of a fine-tune's task modules
+("task/<module>.<name>") and of the optimizer ("optim/<param index>/<key>") in safetensors format;
+everything else sits in the file's JSON metadata: the model Config, the training config, the loop
+state (step, data position, skipped steps; a fine-tune's epoch history), the optimizer's
+hyper-parameters and the GradScaler state. The learning-rate schedule is a pure function of the
+step and the training config, and the random state of a step is a function of (seed, rank, step)
+(the loops reseed every step), so the step restores both exactly.
 
 Writes go to a temporary file beside the target, are fsync'ed, then renamed over it: a crash, a
-SIGKILL or a full disk during a write leaves the previous checkpoint untouched and no partial file.
+SIGKILL or a full disk during a write leaves the previous checkpoint untouched. A failed write
+removes its temporary file; one left by a writer killed with SIGKILL is removed by the next save.
 """
 from __future__ import annotations
 
@@ -69,8 +71,13 @@ def atomic_save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
         os.close(dir_fd)
 
 
-def save_checkpoint(path, model, optimizer, scaler, state: dict, model_cfg, train_cfg) -> None:
+def save_checkpoint(path, model, optimizer, scaler, state: dict, model_cfg, train_cfg,
+                    task_modules: dict | None = None, finetune: dict | None = None) -> None:
+    """The PTUnifier `model` under "model/", a fine-tune's `task_modules` under "task/<name>.", the
+    optimizer (None: none) under "optim/"; `finetune`: what a fine-tuned checkpoint says of its task."""
     tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
+    for name, module in (task_modules or {}).items():
+        tensors.update({f"task/{name}.{k}": v for k, v in module.state_dict().items()})
     opt = optimizer.state_dict() if optimizer is not None else {"state": {}, "param_groups": []}
     for idx, slots in opt["state"].items():
         for key, value in slots.items():
@@ -80,7 +87,7 @@ def save_checkpoint(path, model, optimizer, scaler, state: dict, model_cfg, trai
                 train_config=dataclasses.asdict(train_cfg) if train_cfg is not None else None,
                 state=state, optimizer_groups=opt["param_groups"],
                 scaler=scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
-                aliases=aliases)
+                aliases=aliases, **({"finetune": finetune} if finetune is not None else {}))
     atomic_save(Path(path), tensors, {"ptunifier": json.dumps(meta)})
 
 
@@ -148,11 +155,23 @@ RESUME_FIELDS = ("preset", "batch_size", "seed", "data", "mlm_prob")
 def load_checkpoint(path, model, optimizer, scaler, expect_train=None) -> dict:
     """Restore model, optimizer and scaler from `path` for --resume; returns the loop state."""
     meta, tensors = read_checkpoint(path)
-    if expect_train is not None and meta["train_config"] is not None:
-        diff = config_mismatch(meta["train_config"], dataclasses.asdict(expect_train), RESUME_FIELDS)
-        if diff:
-            raise CheckpointError(f"cannot resume from {path}: the run's settings changed:\n  " + "\n  ".join(diff))
+    check_resume(path, meta, model.config, expect_train, RESUME_FIELDS)
     load_model_state(path, meta, tensors, model)
+    load_optimizer_state(meta, tensors, optimizer, scaler)
+    return meta["state"]
+
+
+def check_resume(path, meta: dict, model_cfg, run_cfg, fields) -> None:
+    """A resumed run builds the same model and reads the same data stream: one error names every
+    field of the model Config, and of the run config's `fields`, that differs from the checkpoint's."""
+    diff = config_mismatch(meta["model_config"], dataclasses.asdict(model_cfg))
+    if run_cfg is not None and meta["train_config"] is not None:
+        diff = config_mismatch(meta["train_config"], dataclasses.asdict(run_cfg), fields) + diff
+    if diff:
+        raise CheckpointError(f"cannot resume from {path}: the run's settings changed:\n  " + "\n  ".join(diff))
+
+
+def load_optimizer_state(meta: dict, tensors: dict[str, torch.Tensor], optimizer, scaler) -> None:
     slots: dict[int, dict] = {}
     for k, v in tensors.items():
         if k.startswith("optim/"):
@@ -161,4 +180,3 @@ def load_checkpoint(path, model, optimizer, scaler, expect_train=None) -> dict:
     optimizer.load_state_dict({"state": slots, "param_groups": meta["optimizer_groups"]})
     if meta["scaler"] is not None and scaler is not None:
         scaler.load_state_dict(meta["scaler"])
-    return meta["state"]

@@ -20,14 +20,23 @@ task are in recipes.py, taken from the preset the --init checkpoint was pre-trai
 betas (0.9, 0.98), weight decay 0.01 except biases/norms/embeddings/pools, the backbone at 5e-6 and
 the task layers (classifier heads, the whole generation decoder; for retrieval the ITC/ITM heads)
 at 2.5e-4, linear warm-up over 10% of the steps then linear decay, gradient clipping, mixed
-precision and DDP as in train.py (runtime.py). Every epoch ends with an evaluation on val; the best epoch by the task's
-selection metric is written to OUT/best.safetensors; the test split is evaluated once, at the
-end, on that checkpoint, and never used for selection. OUT/results.json holds the outcome.
+precision and DDP as in train.py (runtime.py). Every epoch ends with an evaluation on val; the
+best epoch by the task's selection metric is written to OUT/best.safetensors (a later, worse epoch
+never touches it); the test split is evaluated once, at the end, on that checkpoint, and never
+used for selection. OUT/results.json holds the outcome.
 
-Checkpoint layout (OUT/best.safetensors): the PTUnifier weights under "model/" exactly as in a
-pre-training checkpoint (so it can be an --init again) and the task modules under "task/"; the
-metadata records the task and its label names, and loading a head with a different number of
-outputs than the data's meta.json is an error naming both numbers.
+Interruptions (as in train.py): OUT/checkpoint.safetensors holds everything a fine-tune needs to
+continue (weights, optimizer, the position in the epoch, the epochs' history and the best so far),
+written atomically every --save-every steps or --save-every-minutes, at each epoch end and on
+SIGTERM / SIGINT (the run stops after the current step, on every rank). `--resume` continues
+exactly from it and `--resume auto` when it exists: each epoch's order is drawn from (seed, epoch),
+each sample's augmentation from (seed, epoch, index) and a step's randomness from (seed, rank,
+step), so a resumed fine-tune replays what an uninterrupted one does, to the bit.
+
+Checkpoint layout (both files): the PTUnifier weights under "model/" exactly as in a pre-training
+checkpoint (so either can be an --init again) and the task modules under "task/"; the metadata
+records the task and its label names, and loading a head with a different number of outputs than
+the data's meta.json is an error naming both numbers.
 """
 from __future__ import annotations
 
@@ -46,16 +55,18 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from checkpoint import (FORMAT, CheckpointError, atomic_save, dedupe_shared, load_model_state, load_pretrained,
-                        read_checkpoint, read_metadata)
-from data import SkipTracker, TaskDataset, Tokenizer, locate_tokenizer, make_loader, read_meta, stratified_subset
+from checkpoint import (CheckpointError, check_resume, load_model_state, load_optimizer_state,
+                        load_pretrained, read_checkpoint, read_metadata, save_checkpoint)
+from data import (SkipTracker, TaskDataset, Tokenizer, locate_tokenizer, make_loader, make_train_stream, read_meta,
+                  stratified_subset)
 from generation import TextDecoder, generate, generation_memory
 from losses import itc_loss
 from metrics import accuracy, class_aurocs, nlg_metrics, recall_at_k, vqa_accuracy
 from model import ClassifierHead, Encoded, PTUnifier, param_groups
 from recipes import build_model, recipe, with_defaults
-from runtime import (Runtime, adamw, any_rank, barrier, cleanup, dataclass_cli, finish_step, lr_factor, print0,
-                     seed_everything, seed_step, set_lr, setup_runtime, snapshot_buffers)
+from runtime import (Runtime, SaveClock, StopSignal, adamw, any_rank, barrier, check_resume_mode, cleanup,
+                     dataclass_cli, finish_step, lr_factor, print0, resume_point, seed_everything, seed_step, set_lr,
+                     setup_runtime, snapshot_buffers)
 from zeroshot import embed_retrieval
 
 # ----------------------------------------------------------------------------- the tasks
@@ -150,6 +161,12 @@ class FinetuneConfig:
     workers: int = 2                # DataLoader workers per process; 0 loads in the main process
     seed: int = 0                   # task head init, data order, augmentation
     device: str = "auto"            # auto | cpu | cuda
+    save_every: int = 200           # steps between checkpoints (OUT/checkpoint.safetensors; also at
+                                    # each epoch end and on SIGTERM / SIGINT)
+    save_every_minutes: float = 30.0  # wall-clock minutes between checkpoints (0: off): the most work
+                                    # a preempted fine-tune loses, whatever its step time
+    resume: str | None = None       # continue from OUT/checkpoint.safetensors: a bare --resume (it
+                                    # must exist) or --resume auto (when it exists, else start fresh)
 
     def resolved(self) -> "FinetuneConfig":
         """The recipe of the task in every field that is not set; the preset is the one the --init
@@ -158,6 +175,7 @@ class FinetuneConfig:
             raise SystemExit(f"--task {self.task!r}: expected one of {sorted(TASKS)}")
         if self.missing not in ("prompts", "blank"):
             raise SystemExit(f"--missing {self.missing!r}: expected 'prompts' or 'blank'")
+        check_resume_mode(self.resume)
         preset = self.preset
         trained = read_metadata(self.init).get("train_config") if self.init else None
         if trained:
@@ -277,18 +295,15 @@ def load_task_modules(model: FinetuneModel, path, meta: dict, tensors: dict, nam
     return True
 
 
-def save_finetuned(path: Path, model: FinetuneModel, names: list[str], epoch: int,
-                   metrics: dict, cfg: FinetuneConfig) -> None:
-    """Atomic safetensors: backbone under "model/" (a valid --init), task modules under "task/"."""
-    tensors = {f"model/{k}": v for k, v in model.backbone.state_dict().items()}
-    for name, module in model.task_modules().items():
-        tensors.update({f"task/{name}.{k}": v for k, v in module.state_dict().items()})
-    tensors, aliases = dedupe_shared(tensors)
-    meta = dict(format=FORMAT, model_config=dataclasses.asdict(model.backbone.config),
-                train_config=dict(preset=cfg.preset), state=dict(epoch=epoch), optimizer_groups=[], scaler=None,
-                aliases=aliases, finetune=dict(task=model.task.name, outputs=names, epoch=epoch,
-                                               val=metrics, config=dataclasses.asdict(cfg)))
-    atomic_save(path, tensors, {"ptunifier": json.dumps(meta)})
+def save_finetuned(path: Path, model: FinetuneModel, names: list[str], cfg: FinetuneConfig, state: dict,
+                   val: dict | None = None, optimizer=None, scaler=None) -> None:
+    """Atomic safetensors: backbone under "model/" (a valid --init), task modules under "task/";
+    `state` (the epoch; for a resumable checkpoint the whole loop state, with the optimizer and
+    scaler) and the epoch's `val` metrics in the metadata."""
+    save_checkpoint(path, model.backbone, optimizer, scaler, state, model.backbone.config, cfg,
+                    task_modules=model.task_modules(),
+                    finetune=dict(task=model.task.name, outputs=names, epoch=state["epoch"], val=val,
+                                  config=dataclasses.asdict(cfg)))
 
 
 def load_finetuned(path, folder, tokenizer: Tokenizer, device) -> FinetuneModel:
@@ -467,6 +482,11 @@ def evaluate_split(model: FinetuneModel, ctx: EvalContext, split: str) -> dict:
 # ----------------------------------------------------------------------------- the loop
 
 
+# FinetuneConfig fields that must not change when a fine-tune resumes (the model and the data stream).
+RESUME_FIELDS = ("task", "data", "init", "preset", "batch_size", "max_steps_per_epoch", "train_fraction",
+                 "missing", "seed")
+
+
 @dataclass
 class FinetuneRun:
     """A fine-tuning run in progress: what the epochs read and update."""
@@ -478,17 +498,32 @@ class FinetuneRun:
     runner: nn.Module | None   # the model, wrapped by DDP under torchrun (None once torn down)
     optimizer: torch.optim.AdamW
     scaler: torch.amp.GradScaler
-    loader: torch.utils.data.DataLoader
+    dataset: TaskDataset       # the training split (its --train-fraction subset)
     steps_per_epoch: int
     ctx: EvalContext
     skips: SkipTracker
-    step: int = 0              # optimisation steps taken (the schedule's position)
-    skipped_steps: int = 0     # steps skipped for a non-finite loss
+    clock: SaveClock           # --save-every-minutes
+    state: dict                # the loop's position and record (new_state); saved in checkpoints
+
+
+def new_state() -> dict:
+    """Where a fine-tune starts: epoch 1 (1-based), no batch of it read, no step taken."""
+    return dict(epoch=1, batch_in_epoch=0, step=0, skipped_steps=0,  # step: the schedule's position
+                epoch_losses=[],  # this epoch's training losses so far (their mean goes into history)
+                history=[],       # one {epoch, train_loss, val} per finished epoch
+                best=None)        # [epoch, val score] of the best epoch so far (OUT/best.safetensors)
 
 
 def start_finetune(cfg: FinetuneConfig, rt: Runtime) -> FinetuneRun:
-    """The backbone from --init (or the preset), the task's new modules, data and optimiser."""
+    """The backbone from --init (or the preset), the task's new modules, data and optimiser;
+    restored from OUT/checkpoint.safetensors with --resume."""
     task = TASKS[cfg.task]
+    resume = resume_point(Path(cfg.out) / "checkpoint.safetensors", cfg.resume, rt)
+    if resume:  # the first line says where the fine-tune continues from
+        meta = read_metadata(resume)
+        if not meta.get("finetune") or "history" not in meta["state"]:
+            raise CheckpointError(f"{resume} is not a fine-tune's checkpoint to resume from (no loop state)")
+        print0(rt, f"resuming from {resume} at epoch {meta['state']['epoch']}, step {meta['state']['step']}")
     seed_everything(cfg.seed)  # the same initial head on every rank
     meta = read_meta(cfg.data)
     if meta["task"] != task.name:
@@ -507,11 +542,17 @@ def start_finetune(cfg: FinetuneConfig, rt: Runtime) -> FinetuneRun:
         train_set.keep(stratified_subset(strata, cfg.train_fraction, cfg.seed))
     if len(train_set) < cfg.batch_size:  # a small --train-fraction: the whole subset is one batch
         cfg = dataclasses.replace(cfg, batch_size=max(rt.world, len(train_set) // rt.world * rt.world))
-    loader = make_loader(train_set, cfg.batch_size // rt.world, train=True, seed=cfg.seed,
-                         num_workers=cfg.workers)
-    steps_per_epoch = min(len(loader), cfg.max_steps_per_epoch or len(loader))
+    if cfg.batch_size % rt.world:
+        raise SystemExit(f"--batch-size {cfg.batch_size} must be a multiple of the {rt.world} processes")
+    batches = len(train_set) // cfg.batch_size  # per epoch (the last partial batch is dropped)
+    steps_per_epoch = min(batches, cfg.max_steps_per_epoch or batches)
     if steps_per_epoch == 0:
         raise SystemExit(f"{len(train_set)} training samples cannot fill one batch of {cfg.batch_size}")
+    optimizer = make_optimizer(model, cfg, rt.device)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
+    state = new_state()
+    if resume:
+        state = resume_from(resume, cfg, model, optimizer, scaler, names)
     runner = model
     if rt.world > 1:  # unused parameters: the pool of the present modality, heads of other tasks
         runner = DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device.type == "cuda"
@@ -523,51 +564,99 @@ def start_finetune(cfg: FinetuneConfig, rt: Runtime) -> FinetuneRun:
     print0(rt, f"{task.name}: {len(train_set)} training samples, {cfg.epochs} epochs x "
                f"{steps_per_epoch} steps, batch {cfg.batch_size}, lr backbone {cfg.lr_backbone:g} / "
                f"task {cfg.lr_task:g}, on {rt.device}")
-    return FinetuneRun(cfg, rt, task, meta, model, runner, make_optimizer(model, cfg, rt.device),
-                       torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16),
-                       loader, steps_per_epoch, EvalContext(Path(cfg.data), tokenizer, names, rt, cfg),
-                       SkipTracker(len(train_set)))
+    return FinetuneRun(cfg, rt, task, meta, model, runner, optimizer, scaler, train_set, steps_per_epoch,
+                       EvalContext(Path(cfg.data), tokenizer, names, rt, cfg), SkipTracker(len(train_set)),
+                       SaveClock(cfg.save_every_minutes), state)
 
 
-def train_epoch(run: FinetuneRun, epoch: int) -> list[float]:
-    """One epoch of guarded steps (a non-finite loss on any rank skips the step on every rank and
-    leaves the model as it was); returns the losses of the steps taken."""
-    cfg, rt = run.cfg, run.rt
-    if isinstance(run.loader.sampler, torch.utils.data.DistributedSampler):
-        run.loader.sampler.set_epoch(epoch)
+def resume_from(path: Path, cfg: FinetuneConfig, model: FinetuneModel, optimizer, scaler, names) -> dict:
+    """Restore weights, task modules, optimizer and scaler from `path`; returns the loop state."""
+    meta, tensors = read_checkpoint(path)
+    check_resume(path, meta, model.backbone.config, cfg, RESUME_FIELDS)
+    load_model_state(path, meta, tensors, model.backbone)
+    load_task_modules(model, path, meta, tensors, names)
+    load_optimizer_state(meta, tensors, optimizer, scaler)
+    return meta["state"]
+
+
+def save(run: FinetuneRun) -> None:
+    """OUT/checkpoint.safetensors, from which the fine-tune can continue (rank 0 writes it)."""
+    if run.rt.master:
+        save_finetuned(Path(run.cfg.out) / "checkpoint.safetensors", run.model, run.ctx.names, run.cfg,
+                       run.state, optimizer=run.optimizer, scaler=run.scaler)
+    barrier(run.rt)
+    run.clock.restart()
+
+
+def train_epoch(run: FinetuneRun, stop: StopSignal) -> bool:
+    """The guarded steps of the current epoch from its saved position (a non-finite loss on any
+    rank skips the step on every rank and leaves the model as it was), with a checkpoint every
+    --save-every steps or --save-every-minutes; returns True when a signal stops the run (after
+    the current step, on every rank; the caller saves)."""
+    cfg, rt, state = run.cfg, run.rt, run.state
+    if state["batch_in_epoch"] == run.steps_per_epoch:  # saved after its last step, before its end
+        return False
+    total, stopping = cfg.epochs * run.steps_per_epoch, False
+    stream = iter(make_train_stream(run.dataset, cfg.batch_size // rt.world, cfg.seed, state["epoch"],
+                                    state["batch_in_epoch"], cfg.workers))
     run.model.train()
-    total, losses = cfg.epochs * run.steps_per_epoch, []
-    bar = tqdm(total=run.steps_per_epoch, desc=f"epoch {epoch}", disable=not rt.master, dynamic_ncols=True)
-    for i, batch in enumerate(run.loader):
-        if i == run.steps_per_epoch:
-            break
+    bar = tqdm(total=run.steps_per_epoch, initial=state["batch_in_epoch"], desc=f"epoch {state['epoch']}",
+               disable=not rt.master, dynamic_ncols=True)
+    while state["batch_in_epoch"] < run.steps_per_epoch:
+        batch = next(stream)
+        state["batch_in_epoch"] += 1
+        bar.update(1)
         run.skips.update(batch)
         if len(batch) == 0:  # every image of the batch was unreadable
             continue
-        set_lr(run.optimizer, lr_factor(run.step, total, cfg.warmup))
-        seed_step(cfg.seed, rt.rank, run.step)
+        set_lr(run.optimizer, lr_factor(state["step"], total, cfg.warmup))
+        seed_step(cfg.seed, rt.rank, state["step"])
         buffers = snapshot_buffers(run.model)
         with rt.autocast():
             loss = run.runner(batch.to(rt.device, non_blocking=True))
-        finite = not any_rank([not torch.isfinite(loss).item()], rt)[0]
-        if finite:
+        bad, stopping, timed = any_rank([not torch.isfinite(loss).item(), stop.received is not None,
+                                         run.clock.due()], rt)
+        if not bad:
             run.scaler.scale(loss).backward()
-        finish_step(run.model, run.optimizer, run.scaler, cfg.clip_grad, buffers, finite)
-        run.step += 1
-        if not finite:
-            run.skipped_steps += 1
-            print0(rt, f"step {run.step - 1}: non-finite loss, step skipped ({run.skipped_steps} so far)")
-            continue
-        losses.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        finish_step(run.model, run.optimizer, run.scaler, cfg.clip_grad, buffers, finite=not bad)
+        state["step"] += 1
+        if bad:
+            state["skipped_steps"] += 1
+            print0(rt, f"step {state['step'] - 1}: non-finite loss, step skipped ({state['skipped_steps']} so far)")
+        else:
+            state["epoch_losses"].append(loss.item())
+            bar.set_postfix(loss=f"{state['epoch_losses'][-1]:.4f}")
+        if stopping:
+            break
+        if timed or state["step"] % cfg.save_every == 0:
+            save(run)
     bar.close()
-    return losses
+    return stopping
 
 
-def test_best(run: FinetuneRun, best: tuple[int, float], history: list[dict], started: float) -> dict:
+def end_epoch(run: FinetuneRun) -> None:
+    """Save the epoch's last step (a crash in a long evaluation loses no training); rank 0
+    evaluates val, records the epoch and, when it is the best so far, writes its weights to
+    OUT/best.safetensors; then every rank moves to the next epoch and rank 0 saves again."""
+    state, select = run.state, run.task.select
+    save(run)
+    if run.rt.master:  # the other ranks wait at the barrier (COLLECTIVE_TIMEOUT)
+        val = evaluate_split(run.model, run.ctx, "val")
+        losses = state["epoch_losses"]
+        mean_loss = float(np.mean(losses)) if losses else float("nan")
+        state["history"].append(dict(epoch=state["epoch"], train_loss=mean_loss, val=val))
+        print(f"epoch {state['epoch']}: train loss {mean_loss:.4f}, val {select} {val[select]:.4f}", flush=True)
+        if state["best"] is None or val[select] > state["best"][1]:
+            state["best"] = [state["epoch"], val[select]]
+            save_finetuned(Path(run.cfg.out) / "best.safetensors", run.model, run.ctx.names, run.cfg,
+                           dict(epoch=state["epoch"]), val)
+    state.update(epoch=state["epoch"] + 1, batch_in_epoch=0, epoch_losses=[])
+    save(run)
+
+
+def test_best(run: FinetuneRun, started: float) -> dict:
     """Load the best epoch's checkpoint, evaluate the test split once, write results.json."""
-    out, task, cfg = Path(run.cfg.out), run.task, run.cfg
+    out, task, cfg, (best_epoch, best_val) = Path(run.cfg.out), run.task, run.cfg, run.state["best"]
     best_meta, tensors = read_checkpoint(out / "best.safetensors")
     load_model_state(out / "best.safetensors", best_meta, tensors, run.model.backbone)
     load_task_modules(run.model, out / "best.safetensors", best_meta, tensors, run.ctx.names)
@@ -577,39 +666,41 @@ def test_best(run: FinetuneRun, best: tuple[int, float], history: list[dict], st
         (out / "test_generations.jsonl").write_text("".join(json.dumps(g) + "\n" for g in generated))
     counts = {s: run.meta.get("counts", {}).get(s) for s in ("train", "val", "test")}
     result = dict(task=task.name, data=cfg.data, init=cfg.init, select=task.select,
-                  best_epoch=best[0], best_val=best[1], history=history, test=test, n=counts,
-                  train_examples=len(run.loader.dataset),
-                  skipped_steps=run.skipped_steps, checkpoint=str(out / "best.safetensors"),
+                  best_epoch=best_epoch, best_val=best_val, history=run.state["history"], test=test, n=counts,
+                  train_examples=len(run.dataset),
+                  skipped_steps=run.state["skipped_steps"], checkpoint=str(out / "best.safetensors"),
                   seconds=time.perf_counter() - started, config=dataclasses.asdict(cfg),
                   model_config=dataclasses.asdict(run.model.backbone.config))
     (out / "results.json").write_text(json.dumps(result, indent=2))
-    print(f"test, best epoch {best[0]} (val {task.select} {best[1]:.4f}): " + ", ".join(
+    print(f"test, best epoch {best_epoch} (val {task.select} {best_val:.4f}): " + ", ".join(
         f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float)), flush=True)
     return result
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
-    """Fine-tune, select the best epoch on val, evaluate test once; returns results.json's dict."""
+    """Fine-tune, select the best epoch on val, evaluate test once; returns results.json's dict,
+    or {"stopped": True, "step": n} after a signal (continue with --resume)."""
     cfg = cfg.resolved()
     rt = setup_runtime(cfg.device)
     run = start_finetune(cfg, rt)
-    cfg, select = run.cfg, run.task.select
-    history, best, started = [], None, time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
-        losses = train_epoch(run, epoch)
-        if rt.master:  # the other ranks wait at the barrier (COLLECTIVE_TIMEOUT)
-            val = evaluate_split(run.model, run.ctx, "val")
-            mean_loss = float(np.mean(losses)) if losses else float("nan")
-            history.append(dict(epoch=epoch, train_loss=mean_loss, val=val))
-            print(f"epoch {epoch}: train loss {mean_loss:.4f}, val {select} {val[select]:.4f}", flush=True)
-            if best is None or val[select] > best[1]:
-                best = (epoch, val[select])
-                save_finetuned(Path(cfg.out) / "best.safetensors", run.model, run.ctx.names, epoch, val, cfg)
-        barrier(rt)
-    result = test_best(run, best, history, started) if rt.master else {}
-    run.runner = None  # the DDP wrapper goes before its process group (runtime.cleanup)
-    cleanup(rt)
-    return result
+    stop, stopped, started = StopSignal(), False, time.perf_counter()
+    try:
+        while run.state["epoch"] <= run.cfg.epochs and not stopped:
+            stopped = train_epoch(run, stop)
+            if not stopped:
+                end_epoch(run)
+        if stopped:
+            save(run)
+            print0(rt, f"stopped by {stop.received or 'a signal on another rank'} at epoch {run.state['epoch']}, "
+                       f"step {run.state['step']}; checkpoint saved; continue with --resume (or --resume auto)")
+            result = dict(stopped=True, step=run.state["step"])
+        else:
+            result = test_best(run, started) if rt.master else {}
+        run.runner = None  # the DDP wrapper goes before its process group (runtime.cleanup)
+        cleanup(rt)
+        return result
+    finally:
+        stop.restore()
 
 
 def parse_args(argv=None) -> FinetuneConfig:
@@ -619,7 +710,9 @@ def parse_args(argv=None) -> FinetuneConfig:
         "batch_size": "global batch; lower it (32, 16) if you run out of memory",
         "max_steps_per_epoch": "cap steps per epoch (quick checks; None: the whole split)",
         "itm_rerank": "retrieval: K > 0 re-ranks the top-K ITC candidates with ITM pair passes",
-    }, required=("task", "data"))
+        "resume": "continue exactly from OUT/checkpoint.safetensors, which must exist; '--resume auto': "
+                  "continue when it exists, else start fresh (one command for a first launch and every relaunch)",
+    }, required=("task", "data"), bare={"resume": "strict"})
 
 
 def main(argv=None) -> None:

@@ -68,7 +68,7 @@ def hf_vision_fields(folder) -> dict:
     fields = dict(vision_width=c["hidden_size"], vision_layers=c["num_hidden_layers"],
                   vision_heads=c["num_attention_heads"], vision_mlp=c["intermediate_size"],
                   patch_size=c["patch_size"], vision_act=c["hidden_act"],
-                  vision_ln_eps=c["layer_norm_eps"])
+                  vision_ln_eps=c["layer_norm_eps"], vision_stem="patch")  # CLIP: one patch conv
     return fields
 
 

@@ -5,8 +5,11 @@
 - seeding: `seed_everything` once (the same initial weights on every rank), `seed_step` before
   every step: the random state of a step (dropout) is a function of (seed, rank, step), so a
   resumed run draws exactly what the uninterrupted run drew, with no RNG state to carry.
-- `StopSignal`: SIGTERM / SIGINT become a flag checked between steps (save, then exit 0).
-- collectives: `any_rank` (every rank takes the same decision), `mean_over_ranks`, `cleanup`.
+- `StopSignal`: SIGTERM / SIGINT become a flag checked between steps (save, then exit 0);
+  `SaveClock`: a checkpoint by wall time; `resume_point`: --resume (strict) and --resume auto.
+- `launch_store`: a key space of its own for each launch of the workers, so that a group
+  relaunched by `torchrun --max-restarts` does not read the keys of the group that failed.
+- collectives: `any_rank` (every rank takes the same decision), `cleanup`.
 - the schedule (paper 5.3): linear warm-up, then linear decay to 0, optionally after a plateau
   (`lr_factor`, `set_lr`).
 - the guarded optimiser step: `snapshot_buffers` before the forward, then `finish_step`, which
@@ -25,9 +28,11 @@ import os
 import random
 import re
 import signal
+import time
 import typing
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -65,7 +70,9 @@ def setup_runtime(device: str = "auto") -> Runtime:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if world > 1:
-        dist.init_process_group("nccl" if want_cuda else "gloo", timeout=COLLECTIVE_TIMEOUT)
+        store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=COLLECTIVE_TIMEOUT))
+        dist.init_process_group("nccl" if want_cuda else "gloo", store=launch_store(store, rank, world),
+                                rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
     if want_cuda:
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
@@ -75,6 +82,39 @@ def setup_runtime(device: str = "auto") -> Runtime:
     else:
         dev, amp = torch.device("cpu"), None
     return Runtime(dev, rank, world, local_rank, amp)
+
+
+def launch_store(store: dist.Store, rank: int, world: int) -> dist.Store:
+    """`store` under a prefix that no earlier launch of the workers used: the key space of this
+    launch's process group.
+
+    Why: `torchrun --max-restarts N` keeps one store (MASTER_PORT) for every round of workers it
+    launches, and `init_process_group` names its keys after the group ("default_pg/0/..."), the
+    same in every round. A relaunched worker then finds the keys of the round that failed, reads a
+    dead worker's address and gives up ("Gloo connectFullMesh failed ... Connection refused"; NCCL
+    likewise, PyTorch issue #167288). TORCHELASTIC_RESTART_COUNT cannot name the round: each node's
+    agent counts only its own restarts (PyTorch issue #135712). So rank 0 numbers the launch (a
+    counter in the store) and sends the number to each other rank in answer to a ticket that rank
+    has just drawn from its own counter, a key that no earlier launch can have answered.
+    """
+    store = dist.PrefixStore("ptunifier", store)  # our keys, apart from any other user of the store
+    if rank == 0:
+        launch = store.add("launches", 1)
+        answered, deadline = set(), time.monotonic() + COLLECTIVE_TIMEOUT.total_seconds()
+        while store.add(f"launch{launch}/joined", 0) < world - 1:  # every other rank got its answer
+            for r in range(1, world):  # a ticket may be the last launch's: answering it is harmless
+                ticket = store.add(f"rank{r}/tickets", 0)
+                if ticket and (r, ticket) not in answered:
+                    store.set(f"rank{r}/ticket{ticket}", str(launch))
+                    answered.add((r, ticket))
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"rank 0: not every one of {world} ranks joined within {COLLECTIVE_TIMEOUT}")
+            time.sleep(0.01)
+    else:
+        ticket = store.add(f"rank{rank}/tickets", 1)
+        launch = int(store.get(f"rank{rank}/ticket{ticket}"))  # waits for rank 0's answer
+        store.add(f"launch{launch}/joined", 1)
+    return dist.PrefixStore(f"launch{launch}/", store)
 
 
 def print0(rt: Runtime, *args) -> None:
@@ -88,15 +128,6 @@ def any_rank(flags: list[bool], rt: Runtime) -> list[bool]:
     if rt.world > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]
-
-
-def mean_over_ranks(value: torch.Tensor, rt: Runtime) -> float:
-    """The mean of a scalar over all ranks, on the host (every rank gets the same float)."""
-    value = value.detach().float().clone()
-    if rt.world > 1:
-        dist.all_reduce(value)
-        value /= rt.world
-    return value.item()
 
 
 def barrier(rt: Runtime) -> None:
@@ -126,6 +157,50 @@ def seed_step(seed: int, rank: int, step: int) -> None:
     """The random state of a step (dropout) is a function of (seed, rank, step): ranks differ, and a
     resumed run draws exactly what the uninterrupted run drew, with no RNG state to carry."""
     torch.manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0]))
+
+
+class SaveClock:
+    """A save by wall time (--save-every-minutes): due once `minutes` have passed since the last
+    checkpoint (0: never), so that a preempted run loses at most that much work whatever its step
+    time. Each rank reads its own clock; the loop all-reduces `due()` with the step's other flags
+    (train.step_verdict, finetune: `any_rank`), so every rank saves at the same step, without a
+    sync of its own."""
+
+    def __init__(self, minutes: float):
+        self.minutes, self.last = minutes, time.monotonic()
+
+    def due(self) -> bool:
+        return self.minutes > 0 and time.monotonic() - self.last >= 60 * self.minutes
+
+    def restart(self) -> None:
+        self.last = time.monotonic()
+
+
+RESUME_MODES = (None, "strict", "auto")  # no --resume, a bare --resume, --resume auto
+
+
+def resume_point(path: Path, mode: str | None, rt: Runtime) -> Path | None:
+    """The checkpoint `path` when the run continues from it, else None (a fresh start).
+    mode None: fresh; "strict" (a bare --resume): `path`, which must exist (its reader says so);
+    "auto": `path` when it exists (else it says, first, that the run starts fresh), so that one
+    command line serves the first launch and every relaunch. Every rank must see the same file:
+    the run folder lives on a filesystem that all nodes share."""
+    if mode is None:
+        return None
+    here = Path(path).is_file()
+    somewhere, missing_somewhere = any_rank([here, not here], rt)
+    if somewhere and missing_somewhere:
+        raise SystemExit(f"{path} exists on some nodes but not on others: the run folder (--out) "
+                         "must be on a filesystem that every node shares")
+    if mode == "auto" and not somewhere:
+        print0(rt, f"--resume auto: no checkpoint at {path}: starting fresh")
+        return None
+    return Path(path)
+
+
+def check_resume_mode(mode: str | None) -> None:
+    if mode not in RESUME_MODES:
+        raise SystemExit(f"--resume {mode!r}: expected 'auto', or no value (strict)")
 
 
 class StopSignal:
@@ -217,10 +292,11 @@ def field_comments(cls) -> dict[str, str]:
     return comments
 
 
-def dataclass_cli(cls, argv, description: str, helps: dict, required=()):
+def dataclass_cli(cls, argv, description: str, helps: dict, required=(), bare=None):
     """A flat CLI generated from a run's config dataclass: every field is a flag whose help is
-    `helps[field]` or else the field's comment in the source; unknown flags are an error. Returns
-    `cls(...).resolved()`.
+    `helps[field]` or else the field's comment in the source; unknown flags are an error; a field
+    in `bare` may be given without a value, and then takes `bare[field]` (`--resume` alone is
+    `--resume strict`). Returns `cls(...).resolved()`.
 
     A field left at None means "not set": `resolved()` takes it from the recipe. The command line is
     read twice: once to learn the flags that choose the recipe (--preset, --task, --init), then
@@ -240,6 +316,9 @@ def dataclass_cli(cls, argv, description: str, helps: dict, required=()):
                 optional = type(None) in typing.get_args(hints[f.name])
                 p.add_argument(flag, action=argparse.BooleanOptionalAction if optional else "store_true",
                                default=defaults[f.name], help=text)
+            elif f.name in (bare or {}):
+                p.add_argument(flag, type=kind, nargs="?", const=bare[f.name], default=defaults[f.name],
+                               help=text)
             else:
                 p.add_argument(flag, type=kind, default=defaults[f.name], help=text,
                                required=full and f.name in required)

@@ -18,9 +18,12 @@ of the ITC loss is `itc_escape` nats below ln B, and after `itc_warmup` of the s
 
 Everything about a run lives in its folder (--out): config.json (resolved configuration),
 metrics.jsonl (one line per logged step), checkpoint.safetensors (model, optimizer, scaler, step and
-data position, written atomically; `--resume` continues exactly from it: the random state of a step
-is a function of (seed, rank, step) and the data stream of (seed, epoch, position), so the step and
-the data position restore them) and result.json (zero-shot retrieval and prompt usage at the end).
+data position, written atomically every --save-every steps or --save-every-minutes, at the end and
+on SIGTERM / SIGINT; `--resume` continues exactly from it: the random state of a step is a function
+of (seed, rank, step) and the data stream of (seed, epoch, position), so the step and the data
+position restore them; `--resume auto` does when it exists and starts fresh otherwise, so that the
+same command serves a first launch and every relaunch, docs/CLUSTER.md) and result.json (zero-shot
+retrieval and prompt usage at the end).
 """
 from __future__ import annotations
 
@@ -39,13 +42,14 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import synth
-from checkpoint import load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from data import PretrainDataset, SkipTracker, Tokenizer, locate_tokenizer, make_train_stream
 from losses import LossWeights
 from model import PTUnifier
 from recipes import build_model, recipe, with_defaults
-from runtime import (Runtime, StopSignal, adamw, barrier, cleanup, dataclass_cli, finish_step, lr_factor,
-                     print0, seed_everything, seed_step, set_lr, setup_runtime, snapshot_buffers)
+from runtime import (Runtime, SaveClock, StopSignal, adamw, barrier, check_resume_mode, cleanup, dataclass_cli,
+                     finish_step, lr_factor, print0, resume_point, seed_everything, seed_step, set_lr,
+                     setup_runtime, snapshot_buffers)
 from step import PretrainStep, StepOutput
 from zeroshot import zero_shot_retrieval
 
@@ -94,6 +98,8 @@ class TrainConfig:
     seed: int = 0                      # initial weights, data order, augmentation, masking
     log_every: int = 10                # steps between lines of metrics.jsonl
     save_every: int = 200              # steps between checkpoints (also saved at the end and on SIGTERM)
+    save_every_minutes: float = 30.0   # wall-clock minutes between checkpoints (0: off): the most work a
+                                       # preempted run loses, whatever its step time
     max_bad_steps: int = 20            # consecutive non-finite losses before the run stops
     max_bad_images: float = 0.01       # fraction of unreadable images in the split before the run stops
     eval_batch: int = 128              # batch of the zero-shot evaluation at the end
@@ -101,10 +107,12 @@ class TrainConfig:
     compile: bool | None = None        # torch.compile the step whole (None: on CUDA, not on the CPU)
     compile_mode: str = "default"      # torch.compile mode: "default", "reduce-overhead" (CUDA graphs),
                                        # "max-autotune"
-    resume: bool = False               # continue from out/checkpoint.safetensors
+    resume: str | None = None          # continue from out/checkpoint.safetensors: a bare --resume (it
+                                       # must exist) or --resume auto (when it exists, else start fresh)
 
     def resolved(self) -> "TrainConfig":
         """The preset's recipe in every field that is not set."""
+        check_resume_mode(self.resume)
         cfg = with_defaults(self, recipe(self.preset).pretrain)
         if cfg.itc_warmup > 0 and cfg.itc_weight <= 0:
             raise SystemExit("--itc-weight 0 leaves nothing to train in the ITC-only start: add --itc-warmup 0")
@@ -162,10 +170,15 @@ class Run:
     state: dict                # step, data position, bad steps, ITC-only start; saved in checkpoints
     usage: PromptUsage
     bad_images: SkipTracker
+    clock: SaveClock           # --save-every-minutes
 
 
 def start_run(cfg: TrainConfig, rt: Runtime) -> Run:
     """Build the model, the data stream and the optimiser; restore them with --resume."""
+    out = Path(cfg.out)
+    resume = resume_point(out / "checkpoint.safetensors", cfg.resume, rt)
+    if resume:  # the first line says where the run continues from
+        print0(rt, f"resuming from {resume} at step {read_metadata(resume)['state']['step']}")
     seed_everything(cfg.seed)  # the same initial weights on every rank
     tokenizer = Tokenizer.load(locate_tokenizer(cfg.data, cfg.tokenizer, cfg.text_init))
     model = build_model(cfg.preset, tokenizer, cfg.vision_init, cfg.text_init,
@@ -192,11 +205,11 @@ def start_run(cfg: TrainConfig, rt: Runtime) -> Run:
     chance = math.log(micro * rt.world)
     state = dict(step=0, epoch=0, batch_in_epoch=0, bad_steps=0, skipped_steps=0,
                  itc_only_until=cfg.itc_only_steps(), itc_average=chance)
-    out = Path(cfg.out)
-    if cfg.resume:
-        state.update(load_checkpoint(out / "checkpoint.safetensors", model, optimizer, scaler, expect_train=cfg))
+    if resume:
+        state.update(load_checkpoint(resume, model, optimizer, scaler, expect_train=cfg))
     if rt.master:
         out.mkdir(parents=True, exist_ok=True)
+        drop_rows_after(out / "metrics.jsonl", state["step"])  # the steps this run takes (again)
         (out / "config.json").write_text(json.dumps(
             dict(train=dataclasses.asdict(cfg), model=dataclasses.asdict(mcfg), world_size=rt.world,
                  micro_batch=micro, grad_accum=accum), indent=2))
@@ -205,18 +218,20 @@ def start_run(cfg: TrainConfig, rt: Runtime) -> Run:
                f"x {accum} accumulation; {cfg.steps} steps on {rt.device}")
     return Run(cfg, rt, tokenizer, model, runner, optimizer, scaler, micro_batches(dataset, micro, cfg, state), accum,
                chance, state, PromptUsage(mcfg.pool_size, rt.device),
-               SkipTracker(len(dataset) // rt.world, cfg.max_bad_images, "train"))  # this rank's shard
+               SkipTracker(len(dataset) // rt.world, cfg.max_bad_images, "train"),  # this rank's shard
+               SaveClock(cfg.save_every_minutes))
 
 
-def train_step(run: Run, stop: StopSignal) -> tuple[dict[str, torch.Tensor], int, bool]:
-    """One guarded optimisation step; returns (mean losses, samples seen here, stopping)."""
+def train_step(run: Run, stop: StopSignal) -> tuple[dict[str, torch.Tensor], int, bool, bool]:
+    """One guarded optimisation step; returns (mean losses, samples seen here, stopping, a save by
+    wall time is due), the last two decided alike on every rank."""
     cfg, rt, state = run.cfg, run.rt, run.state
     set_lr(run.optimizer, lr_factor(state["step"], cfg.steps, cfg.warmup, cfg.decay_from))
     seed_step(cfg.seed, rt.rank, state["step"])
     itc_only = state["step"] < state["itc_only_until"]
     buffers = snapshot_buffers(run.model)
     losses, n_samples = accumulate_gradients(run, itc_only)
-    bad, stopping, itc = step_verdict(losses, stop.received is not None, rt)  # the step's one sync
+    bad, stopping, timed, itc = step_verdict(losses, [stop.received is not None, run.clock.due()], rt)
     finish_step(run.model, run.optimizer, run.scaler, cfg.clip_grad, buffers, finite=not bad)
     state["bad_steps"] = state["bad_steps"] + 1 if bad else 0
     state["skipped_steps"] += bad
@@ -228,7 +243,7 @@ def train_step(run: Run, stop: StopSignal) -> tuple[dict[str, torch.Tensor], int
     state["step"] += 1
     if itc_only and not bad and cfg.itc_escape > 0:
         check_itc_start(run, itc)
-    return losses, n_samples, stopping
+    return losses, n_samples, stopping, timed
 
 
 def compiled_graphs(cfg: TrainConfig) -> int:
@@ -240,17 +255,17 @@ def compiled_graphs(cfg: TrainConfig) -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def step_verdict(losses: dict[str, torch.Tensor], stop: bool, rt: Runtime) -> tuple[bool, bool, float]:
+def step_verdict(losses: dict[str, torch.Tensor], flags: list[bool], rt: Runtime) -> tuple[bool, ...]:
     """What every rank decides at the end of a step, from one all-reduce and one read from the
-    device (the step's only sync): (a loss was not finite on some rank, some rank was asked to
-    stop, the ITC loss averaged over ranks; 0 when ITC did not run)."""
+    device (the step's only sync): (a loss was not finite on some rank, each of the host's
+    `flags` (stop, save now) set on some rank, the ITC loss averaged over ranks; 0 without ITC)."""
     itc = losses.get("itc", torch.zeros((), device=rt.device))
-    verdict = torch.stack([(~torch.isfinite(losses["loss"])).float(),
-                           torch.tensor(float(stop), device=rt.device), itc.float() / rt.world])  # [3]
+    host = torch.tensor([float(f) for f in flags], device=rt.device)                      # [F]
+    verdict = torch.cat([(~torch.isfinite(losses["loss"])).float()[None], host, itc.float()[None] / rt.world])
     if rt.world > 1:
         torch.distributed.all_reduce(verdict)  # sums: a flag > 0 on any rank stays > 0
-    bad, stopping, itc = verdict.tolist()
-    return bad > 0, stopping > 0, itc
+    *raised, itc = verdict.tolist()
+    return (*(value > 0 for value in raised), itc)
 
 
 def accumulate_gradients(run: Run, itc_only: bool) -> tuple[dict[str, torch.Tensor], int]:
@@ -331,6 +346,19 @@ def save(run: Run) -> None:
         save_checkpoint(Path(run.cfg.out) / "checkpoint.safetensors", run.model, run.optimizer, run.scaler,
                         run.state, run.model.config, run.cfg)
     barrier(run.rt)
+    run.clock.restart()
+
+
+def drop_rows_after(log: Path, step: int) -> None:
+    """Keep the lines of metrics.jsonl up to `step`, where the run starts (a resumed run logs the
+    later steps again; a line cut short by a crash goes too): one line per logged step."""
+    if not log.is_file():
+        return
+    lines = log.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
+    if kept != lines:
+        log.with_name(log.name + ".tmp").write_text("".join(kept))
+        log.with_name(log.name + ".tmp").replace(log)
 
 
 def skipped_report(tracker: SkipTracker) -> str:
@@ -393,7 +421,7 @@ def train(cfg: TrainConfig) -> dict:
         t_last, samples_since = time.perf_counter(), 0
         while run.state["step"] < cfg.steps:
             graphs, started = compiled_graphs(cfg), time.perf_counter()
-            losses, n_samples, stopping = train_step(run, stop)
+            losses, n_samples, stopping, timed = train_step(run, stop)
             if compiled_graphs(cfg) > graphs:  # the first step, the first full step, a new text shape
                 print0(rt, f"\nstep {run.state['step']}: compiled the step in {time.perf_counter() - started:.1f} s "
                            f"(graph {compiled_graphs(cfg)})")
@@ -416,11 +444,11 @@ def train(cfg: TrainConfig) -> dict:
                 save(run)
                 bar.close()
                 print0(rt, f"stopped by {stop.received or 'a signal on another rank'} at step {step}; "
-                           f"checkpoint saved; continue with --resume")
+                           f"checkpoint saved; continue with --resume (or --resume auto)")
                 run.runner = None  # the DDP wrapper goes before its process group (runtime.cleanup)
                 cleanup(rt)
                 return dict(stopped=True, step=step)
-            if step % cfg.save_every == 0 or step == cfg.steps:
+            if timed or step % cfg.save_every == 0 or step == cfg.steps:
                 save(run)
         bar.close()
         result = finish_run(run)
@@ -434,16 +462,17 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def parse_args(argv=None) -> TrainConfig:
-    return dataclass_cli(TrainConfig, argv, __doc__.split("\n")[0], {
+    return dataclass_cli(TrainConfig, argv, __doc__.split("\n")[0], bare={"resume": "strict"}, helps={
         "preset": "model preset and recipe (recipes.py): tiny (synthetic, CPU) or base (the paper)",
         "steps": "optimisation steps",
         "batch_size": "global batch per optimisation step (split over processes, accumulation fills the rest)",
         "micro_batch": "per-process batch per forward; lower it (32, 16, 8) if you run out of memory "
                        "(None: the whole per-process batch)",
         "workers": "DataLoader workers per process; 0 loads in the main process (None: 1 on CPU, 8 on CUDA)",
-        "resume": "continue exactly from OUT/checkpoint.safetensors",
-        "compile": "torch.compile the step whole (default on CUDA; on the CPU the tiny step compiles in "
-                   "longer than the compiled steps save: docs/NOTES.md)",
+        "resume": "continue exactly from OUT/checkpoint.safetensors, which must exist; '--resume auto': "
+                  "continue when it exists, else start fresh (one command for a first launch and every relaunch)",
+        "compile": "torch.compile the step whole (default on CUDA; off on the CPU, where compiling the tiny "
+                   "step takes minutes and the compiled step is no faster: docs/NOTES.md 7.3)",
         "compile_mode": "torch.compile mode; reduce-overhead replays the step as CUDA graphs",
         "itc_warmup": "most steps, as a fraction, at the start that train ITC alone; lets a from-scratch "
                       "model align before MLM and ITM join",

@@ -1,17 +1,20 @@
-"""Worker that tests/test_faults.py runs under torchrun (2 gloo processes), one launch per phase
-(a fresh launch each time: re-creating a gloo group inside one torchrun launch can hang):
+"""A worker that the cluster tests run under torchrun: train.py or finetune.py, with one fault
+injected on one rank, chosen by the environment (a hook of the tests; the programs read none of it):
 
-  1. straight: the run for N steps, uninterrupted;
-  2. split:    the same run, where rank 1 waits at step K until the test sends SIGTERM to its pid
-               only (rank 0 gets no signal), so it must learn of the stop from the all-reduced flag;
-  3. resume:   `--resume` of the split run to N steps.
+    FAULT=kill:R:K   rank R sends itself SIGKILL as step K begins (K steps done), in the first
+                     round of workers only (a relaunched round has TORCHELASTIC_RESTART_COUNT > 0)
+    FAULT=term:R:K   rank R sends itself SIGTERM as step K begins (no other rank gets a signal)
+    FAULT=nan:R:K    train.py: the loss of rank R is NaN in step K
+    RESULTS=DIR      each rank writes what the program returned to DIR/rank<R>-round<C>.json
 
-Each rank writes what train.train returned to OUT/rank<r>_<phase>.json, and rank 1 writes its pid
-to OUT/rank1.pid when it is waiting for the signal.
+In a relaunched round, rank 0 starts to join the process group a second after rank 1 did: rank 1
+then looks for rank 0's address while the store still holds the one rank 0 had in the failed round
+(what runtime.launch_store guards against).
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_fault_worker.py \
-        PHASE DATA TOKENIZER OUT N K
+    python -m torch.distributed.run --standalone --nproc_per_node=2 --max-restarts=1 \
+        tests/ddp_fault_worker.py train|finetune ARGS...
 """
+import importlib
 import json
 import os
 import signal
@@ -20,48 +23,46 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train  # noqa: E402
-
-ORIGINAL_SEED_STEP = train.seed_step
 
 
-def wait_for_sigterm_at(pause_step: int, pid_file: Path):
-    """A train.seed_step that makes rank 1 wait at `pause_step` until its StopSignal fired."""
+def inject(program, kind: str, at: int) -> None:
+    """Patch the program's seed_step (called as each step begins) to inject the fault at step `at`."""
+    original, current = program.seed_step, {}
+
     def seed_step(seed, rank, step):
-        if rank == 1 and step == pause_step:
-            stop = signal.getsignal(signal.SIGTERM).__self__  # the run's StopSignal handler
-            pid_file.write_text(str(os.getpid()))
+        current["step"] = step
+        if step == at and kind in ("kill", "term"):
+            os.kill(os.getpid(), signal.SIGKILL if kind == "kill" else signal.SIGTERM)
+        original(seed, rank, step)
+
+    program.seed_step = seed_step
+    if kind == "nan":  # the weighted sum of the step's losses (Eq. 1), where the step module reads it
+        step_module = sys.modules[program.PretrainStep.__module__]
+        total_loss = step_module.total_loss
+        step_module.total_loss = lambda *a: total_loss(*a) * (float("nan") if current["step"] == at else 1.0)
+
+
+def main(name: str, args: list[str]) -> None:
+    program = importlib.import_module(name)
+    rank, round_ = int(os.environ["RANK"]), int(os.environ["TORCHELASTIC_RESTART_COUNT"])
+    results = Path(os.environ["RESULTS"])
+    if os.environ.get("FAULT"):
+        kind, fault_rank, at = os.environ["FAULT"].split(":")
+        if rank == int(fault_rank) and not (kind == "kill" and round_ > 0):
+            inject(program, kind, int(at))
+    if round_ > 0:  # rank 1 joins first, rank 0 a second later
+        joining = results / f"rank1-round{round_}.joining"
+        if rank == 1:
+            joining.touch()
+        else:
             deadline = time.time() + 120
-            while stop.received is None:
-                if time.time() > deadline:
-                    raise SystemExit("rank 1: no SIGTERM arrived within 120 s")
+            while not joining.exists() and time.time() < deadline:
                 time.sleep(0.05)
-        ORIGINAL_SEED_STEP(seed, rank, step)
-    return seed_step
-
-
-def run(phase: str, args: list[str], out: Path) -> None:
-    result = train.train(train.parse_args(args))
-    rank = os.environ["RANK"]
-    (out / f"rank{rank}_{phase}.json").write_text(json.dumps({"step": result["step"],
-                                                               "stopped": result.get("stopped", False)}))
-
-
-def main(phase: str, data: str, tokenizer: str, out: str, n: str, k: str) -> None:
-    out = Path(out)
-
-    def args(folder, *extra):
-        return ["--data", data, "--tokenizer", tokenizer, "--out", str(out / folder), "--batch-size", "8",
-                "--workers", "0", "--log-every", "1", "--save-every", "1000", "--steps", n, *extra]
-
-    if phase == "straight":
-        run("straight", args("straight"), out)
-    elif phase == "split":
-        train.seed_step = wait_for_sigterm_at(int(k), out / "rank1.pid")
-        run("split", args("split"), out)
-    else:
-        run("resume", args("split", "--resume"), out)
+            time.sleep(1.0)
+    result = getattr(program, name)(program.parse_args(args))  # train.train / finetune.finetune
+    (results / f"rank{rank}-round{round_}.json").write_text(json.dumps(
+        dict(stopped=result.get("stopped", False), step=result.get("step"))))
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    main(sys.argv[1], sys.argv[2:])

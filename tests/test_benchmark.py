@@ -10,6 +10,7 @@ import evaluate
 import synth
 import train
 from data import read_manifest
+from metrics import normalize_text
 
 
 @pytest.fixture(scope="module")
@@ -18,6 +19,17 @@ def bench_root(tmp_path_factory):
     synth.main(["--out", str(out), "--train", "40", "--val", "8", "--test", "12", "--image-size", "64",
                 "--workers", "1"])
     return out
+
+
+def coco_bleu_rouge(constant: str, references: list[str]) -> tuple[float, float]:
+    """pycocoevalcap's corpus BLEU-4 and ROUGE-L of answering `constant` to every reference, on the
+    normalised tokens that the benchmark scores (its PTBTokenizer needs CoreNLP)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.rouge.rouge import Rouge
+    hyp = " ".join(normalize_text(constant))
+    res = {i: [hyp] for i in range(len(references))}
+    gts = {i: [" ".join(normalize_text(r))] for i, r in enumerate(references)}
+    return Bleu(4).compute_score(gts, res, verbose=0)[0][3], Rouge().compute_score(gts, res)[0]
 
 
 def test_trivial_baselines_by_hand(bench_root):
@@ -32,7 +44,13 @@ def test_trivial_baselines_by_hand(bench_root):
     assert base["vqa"]["overall"] == pytest.approx(sum(r["answer"] == answer for r in vqa_test) / len(vqa_test))
     assert base["retrieval"] == {"i2t_r1": 1 / 12, "t2i_r1": 1 / 12}
     assert base["ic"] == {"macro_auroc": 0.5}
-    assert 0 <= base["ts"]["rouge_l"] <= 1 and 0 <= base["itg"]["bleu_4"] <= 1
+    for task, field in (("ts", "target"), ("itg", "report")):  # the most frequent train text, for all
+        constant = Counter(r[field] for r in read_manifest(bench_root / task, "train")[0]).most_common(1)[0][0]
+        test = read_manifest(bench_root / task, "test")[0]
+        bleu, rouge = coco_bleu_rouge(constant, [r[field] for r in test])
+        assert base[task]["rouge_l"] == pytest.approx(rouge, abs=1e-9)
+        assert base[task]["bleu_4"] == pytest.approx(bleu, abs=1e-9)
+    assert base["itg"]["rouge_l"] > 0 and base["itg"]["bleu_4"] > 0  # values with something to compare
     itg_train, _ = read_manifest(bench_root / "itg", "train")
     constant = Counter(r["report"] for r in itg_train).most_common(1)[0][0]
     stated = synth.label_report(constant)

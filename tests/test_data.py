@@ -132,11 +132,15 @@ def test_a_grey_image_kept_grey_gives_the_tensor_of_its_rgb_copy(tmp_path):
 
 
 def test_image_to_tensor_eval_and_train(tmp_path):
-    im = Image.fromarray(np.full((50, 80, 3), 128, np.uint8))
-    x = data.image_to_tensor(im, 32, train=False)
-    assert x.shape == (3, 32, 32)
-    expected = (128 / 255 - torch.tensor(data.CLIP_MEAN)) / torch.tensor(data.CLIP_STD)
-    assert torch.allclose(x[:, 5, 5], expected, atol=1e-5)
+    """Eval: the shorter side (50) resized to 32 (80 x 50 -> 51 x 32, bicubic), then the centre
+    32 x 32 (columns 9-40), then the CLIP normalisation, on an image whose every pixel differs."""
+    y, x = np.mgrid[0:50, 0:80]
+    im = Image.fromarray(np.stack([3 * x, 5 * y, x + 2 * y], axis=-1).astype(np.uint8))  # [50, 80, 3]
+    by_hand = np.asarray(im.resize((51, 32), Image.BICUBIC).crop((9, 0, 41, 32)), np.float32) / 255
+    expected = (torch.from_numpy(by_hand) - torch.tensor(data.CLIP_MEAN)) / torch.tensor(data.CLIP_STD)
+    got = data.image_to_tensor(im, 32, train=False)
+    assert got.shape == (3, 32, 32)
+    torch.testing.assert_close(got, expected.permute(2, 0, 1), rtol=0, atol=1e-6)  # [32, 32, 3] -> [3, 32, 32]
     torch.manual_seed(0)
     assert data.image_to_tensor(im, 24, train=True).shape == (3, 24, 24)
     for _ in range(100):
@@ -337,7 +341,10 @@ def test_pretrain_dataset_skips_unreadable_and_tracks(tmp_path, bpe_folder):
     eval_ds = data.PretrainDataset(tmp_path / "pretrain", "train", tok, 32, 16, train=False)
     with pytest.raises(data.UnreadableImage, match="5.png"):
         eval_ds[5]
-    assert eval_ds[0].text == eval_ds[0].text                   # eval sentence is fixed
+    # Each record offers two sentences: training draws both, evaluation always the same one.
+    sentences = {"The heart is enlarged.", "No pleural effusion is seen."}
+    assert {ds[(0, seed)].text for seed in range(20)} == sentences
+    assert len({eval_ds[0].text for _ in range(20)}) == 1 and eval_ds[0].text in sentences
     moved = batch.to("cpu")
     assert torch.equal(moved.input_ids, batch.input_ids) and moved.ids == batch.ids
 

@@ -2,23 +2,28 @@
 selection on val only, test evaluated once on the best checkpoint, VQA out-of-vocabulary answers,
 clear errors for label-count and vocabulary mismatches, and a 2-process DDP run."""
 import dataclasses
+import functools
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import finetune as ft
+import runtime
 import synth
-from checkpoint import CheckpointError, save_checkpoint
+from checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from data import TaskDataset, Tokenizer, make_loader, read_manifest, stratified_subset, write_manifest
 from losses import itc_loss
 from model import PTUnifier
 from recipes import RECIPES
+from test_train import assert_same_checkpoints
 from train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,6 +180,112 @@ def test_best_epoch_is_chosen_on_val_and_test_uses_its_checkpoint(bench, tmp_pat
     (_, w1), (_, w2), (_, w_test) = seen
     assert not torch.equal(w1, w2)  # epoch 2 did change the head
     assert torch.equal(w_test, w1)
+    meta, tensors = read_checkpoint(tmp_path / "best.safetensors")  # the worse epoch 2 left it alone
+    assert meta["finetune"]["epoch"] == 1 and torch.equal(tensors["task/head.fc2.weight"], w1)
+    assert read_checkpoint(tmp_path / "checkpoint.safetensors")[0]["state"]["epoch"] == 3  # both done
+
+
+class SignalAt:
+    """Patch finetune.seed_step so that the process sends itself `sig` (a real signal) as step
+    `at` begins."""
+
+    def __init__(self, monkeypatch, at: int, sig=signal.SIGTERM):
+        self.at, self.sig, self.original = at, sig, ft.seed_step
+        monkeypatch.setattr(ft, "seed_step", self)
+
+    def __call__(self, seed, rank, step):
+        if step == self.at:
+            os.kill(os.getpid(), self.sig)
+        self.original(seed, rank, step)
+
+
+def test_sigterm_stops_after_the_step_and_resume_replays_the_uninterrupted_fine_tune(bench, tmp_path, capsys):
+    """2 epochs of 3 steps; a real SIGTERM as step 4 begins (epoch 2): the step ends, the
+    checkpoint holds epoch 2 after its second batch, and the resumed fine-tune ends with the
+    uninterrupted one's weights, optimizer, best epoch (its file too) and test scores, to the bit."""
+    root, _ = bench
+    kw = dict(epochs=2, max_steps_per_epoch=None, lr_task=1e-2, save_every=2)
+    straight = ft.finetune(run_cfg(root, "ic", tmp_path / "straight", **kw))
+    capsys.readouterr()
+    out = tmp_path / "split"
+    with pytest.MonkeyPatch.context() as mp:
+        SignalAt(mp, at=4)
+        assert ft.finetune(run_cfg(root, "ic", out, resume="auto", **kw)) == dict(stopped=True, step=5)
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"--resume auto: no checkpoint at {out / 'checkpoint.safetensors'}: starting fresh\n")
+    assert "stopped by SIGTERM at epoch 2, step 5" in printed
+    state = read_checkpoint(out / "checkpoint.safetensors")[0]["state"]
+    assert (state["epoch"], state["batch_in_epoch"], len(state["history"]), len(state["epoch_losses"])) == (2, 2, 1, 2)
+    resumed = ft.finetune(run_cfg(root, "ic", out, resume="auto", **kw))
+    assert capsys.readouterr().out.startswith(f"resuming from {out / 'checkpoint.safetensors'} at epoch 2, step 5\n")
+    for name in ("checkpoint.safetensors", "best.safetensors"):
+        assert_same_checkpoints(tmp_path / "straight" / name, out / name)
+    for key in ("best_epoch", "best_val", "history", "test", "skipped_steps"):
+        assert resumed[key] == straight[key], key
+
+
+def test_save_every_minutes_saves_a_fine_tune_by_wall_time(bench, tmp_path, monkeypatch):
+    """An epoch of 3 steps, --save-every-minutes 0.5, on a clock that advances 25 s as each step
+    begins (step index s at 25 (s + 1) s, from 0): a save is due in step s once 25 (s + 1) - t_last
+    >= 30, so after step 2 (50 s), not after step 3 (25 s later); the epoch end saves twice, before
+    and after its validation."""
+    root, _ = bench
+    now, saved = [0.0], []
+    monkeypatch.setattr(runtime, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    seed_step, save_checkpoint = ft.seed_step, ft.save_checkpoint
+    monkeypatch.setattr(ft, "seed_step", lambda *a: now.__setitem__(0, now[0] + 25) or seed_step(*a))
+    monkeypatch.setattr(ft, "save_checkpoint", lambda path, model, opt, scaler, state, *rest, **kw: (
+        Path(path).name == "checkpoint.safetensors" and saved.append(state["step"]))
+        or save_checkpoint(path, model, opt, scaler, state, *rest, **kw))
+    ft.finetune(run_cfg(root, "ic", tmp_path, max_steps_per_epoch=None, save_every_minutes=0.5))
+    assert saved == [2, 3, 3]
+
+
+def test_resume_needs_the_same_data_stream(bench, tmp_path):
+    """A fine-tune resumes only with the settings that define its model and data stream."""
+    root, _ = bench
+    with pytest.MonkeyPatch.context() as mp:
+        SignalAt(mp, at=0)
+        ft.finetune(run_cfg(root, "ic", tmp_path))
+    with pytest.raises(CheckpointError) as err:
+        ft.finetune(run_cfg(root, "ic", tmp_path, resume="strict", seed=1, batch_size=4))
+    assert "seed: checkpoint 0 != current 1" in str(err.value) and "batch_size: checkpoint 8 != current 4" in str(err.value)
+    ft.save_finetuned(tmp_path / "checkpoint.safetensors", ft.FinetuneModel(tiny_backbone(bench[1]), ft.TASKS["ic"], 6),
+                      [], ft.FinetuneConfig(), dict(epoch=1))  # a best.safetensors-like file: no loop state
+    with pytest.raises(CheckpointError, match="not a fine-tune's checkpoint to resume from"):
+        ft.finetune(run_cfg(root, "ic", tmp_path, resume="strict"))
+
+
+def test_itm_rerank_scores_the_top_k_by_the_match_probability_of_each_pair(bench):
+    """Each query's top-k ITC candidates score 2 + P(match), the ITM head's probability on a fusion
+    pass of that image with that text alone (unpadded, computed here pair by pair); every other
+    candidate keeps its ITC score, so the top k come first in the order of P(match)."""
+    root, tok = bench
+    model = ft.FinetuneModel(tiny_backbone(tok), ft.TASKS["retrieval"]).eval()
+    ctx = ft.EvalContext(root / "retrieval", tok, [], ft.setup_runtime("cpu"),
+                         ft.FinetuneConfig(task="retrieval", eval_batch=5, workers=0))  # texts padded per 5
+    cfg = model.backbone.config
+    ds = TaskDataset(root / "retrieval", "test", tok, cfg.image_size, cfg.max_text_len, train=False)
+    batch = ds.collate([ds[i] for i in range(len(ds))])
+    sim = torch.rand(len(ds), len(ds), generator=torch.Generator().manual_seed(0)) * 2 - 1  # [N_img, N_txt]
+    b, k = model.backbone, 3
+
+    @functools.cache
+    def p_match(i: int, j: int) -> float:
+        ids = batch.input_ids[j][batch.attention_mask[j].bool()][None]  # [1, L_j]
+        joint = b(pixel_values=batch.pixel_values[i:i + 1], input_ids=ids).joint
+        return b.itm_head(joint).softmax(-1)[0, 1].item()
+
+    with torch.no_grad():
+        i2t, t2i = ft.itm_rerank(model, ctx, "test", sim, k)
+        expected_i2t, expected_t2i = sim.clone(), sim.clone()
+        for q in range(len(ds)):
+            for j in sim[q].topk(k).indices.tolist():        # image q's top-k texts
+                expected_i2t[q, j] = 2 + p_match(q, j)
+            for i in sim[:, q].topk(k).indices.tolist():     # text q's top-k images
+                expected_t2i[i, q] = 2 + p_match(i, q)
+    torch.testing.assert_close(i2t, expected_i2t, rtol=0, atol=1e-5)
+    torch.testing.assert_close(t2i, expected_t2i, rtol=0, atol=1e-5)
 
 
 def test_vqa_out_of_vocabulary_gold_counts_wrong(bench, tmp_path):
@@ -201,7 +312,7 @@ def test_label_count_mismatch_is_a_clear_error(bench, tmp_path):
     root, tok = bench
     records, meta = read_manifest(root / "vqa")
     model = ft.FinetuneModel(tiny_backbone(tok), ft.TASKS["vqa"], len(meta["answers"]))
-    ft.save_finetuned(tmp_path / "vqa.safetensors", model, meta["answers"], 1, {}, ft.FinetuneConfig())
+    ft.save_finetuned(tmp_path / "vqa.safetensors", model, meta["answers"], ft.FinetuneConfig(), dict(epoch=1))
     meta["image_root"] = str((root / "vqa" / meta["image_root"]).resolve())
     meta["answers"] = meta["answers"] + ["a zebra"]
     write_manifest(tmp_path / "vqa", records, meta)
@@ -264,7 +375,7 @@ def test_train_fraction_trains_on_a_stratified_subset(bench, tmp_path, monkeypat
 
     def spy(cfg, rt):
         run = real(cfg, rt)
-        seen.append(([r["id"] for r in run.loader.dataset.records], run.cfg.batch_size))
+        seen.append(([r["id"] for r in run.dataset.records], run.cfg.batch_size))
         return run
     monkeypatch.setattr(ft, "start_finetune", spy)
     ft.finetune(run_cfg(root, "tc", tmp_path, train_fraction=0.25, seed=3))

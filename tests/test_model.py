@@ -256,15 +256,23 @@ def test_shapes_for_all_input_kinds(make_cfg):
 
 
 def test_reused_vit_pass_equals_a_full_pass():
+    """One ViT pass serves several fusion passes (train.PretrainStep): after an image-only and a
+    pair pass have used the encoding, its rows picked ITM-style (shuffled, one repeated) fuse with
+    the texts as a full forward of the shuffled pixels does, which runs the ViT again on another
+    batch; the first two passes equal full forwards too."""
     torch.manual_seed(0)
     model = PTUnifier(RECIPES["tiny"].model).eval()
-    pixels = torch.randn(2, 3, 64, 64)
-    ids = torch.randint(5, 4096, (2, 9))
-    image = model.encode_image(pixels)
-    for text in (model.encode_text(ids, torch.ones_like(ids)), None):
-        full = model(pixel_values=pixels, input_ids=None if text is None else ids)
-        reused = model.fuse_encoded(image, text)
-        assert torch.equal(full.joint, reused.joint)
+    pixels = torch.randn(3, 3, 64, 64)
+    ids = torch.randint(5, 4096, (3, 9))
+    image, text = model.encode_image(pixels), model.encode_text(ids, torch.ones_like(ids))
+    index = torch.tensor([2, 0, 0])
+    reused = [model.fuse_encoded(image, None), model.fuse_encoded(image, text),
+              model.fuse_encoded(image.rows(index), text)]
+    full = [model(pixel_values=pixels), model(pixel_values=pixels, input_ids=ids),
+            model(pixel_values=pixels[index], input_ids=ids)]
+    for got, expected in zip(reused, full):
+        torch.testing.assert_close(got.joint, expected.joint, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(reused[2].joint, reused[1].joint)  # the shuffle changed the pairs
     with pytest.raises(ValueError, match="an image or a text"):
         model.fuse_encoded()
 

@@ -142,7 +142,7 @@ def test_a_training_step_reads_the_device_once():
     run = train.Run(cfg, rt, None, s.model, PretrainStep(s.model, LossWeights()), s.optimizer,
                     torch.amp.GradScaler("cpu", enabled=False), batches, 1, 1.0,
                     dict(step=0, bad_steps=0, skipped_steps=0, itc_only_until=0, itc_average=1.0),
-                    train.PromptUsage(s.cfg.pool_size, rt.device), train.SkipTracker(4))
+                    train.PromptUsage(s.cfg.pool_size, rt.device), train.SkipTracker(4), train.SaveClock(0))
     stop = train.StopSignal()
     try:
         train.train_step(run, stop)

@@ -2,12 +2,14 @@
 folders, splits disjoint by case, reported duplicate rate, rendered findings."""
 import dataclasses
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
 
 import data
 import synth
+from metrics import normalize_text
 
 TASKS = ("pretrain", "ic", "tc", "ts", "retrieval", "itg", "vqa")
 
@@ -56,9 +58,32 @@ def test_task_folders_valid_and_splits_disjoint(two_runs):
     assert tok.kind == "bpe" and tok.mask_id == 4
 
 
-def test_summary_reports_duplicates_and_chance(two_runs):
-    s = json.loads((two_runs[0] / "summary.json").read_text())
-    assert 0 <= s["duplicate_rate_test_findings"] <= 1 and 0 <= s["duplicate_rate_test_reports"] <= 1
+def test_summary_reports_duplicates_and_chance(two_runs, tmp_path):
+    """The summary's duplicate rates and constant-text ROUGE-L, recounted from the task folders of
+    a benchmark with 60 test cases: the share of test texts that occur more than once among them,
+    and pycocoevalcap's ROUGE-L of the most frequent train text answered to every test case."""
+    from pycocoevalcap.rouge.rouge import Rouge
+    out = tmp_path
+    synth.generate(out, 20, 5, 60, seed=3, image_size=16, vocab_size=300, workers=1)
+    s = json.loads((out / "summary.json").read_text())
+
+    def texts(task, field, split="test"):
+        return [r[field] for r in data.read_manifest(out / task, split)[0]]
+
+    for key, (task, field) in {"reports": ("retrieval", "text"), "findings": ("itg", "report"),
+                               "impression": ("ts", "target")}.items():
+        counts = Counter(texts(task, field))
+        repeated = sum(n for n in counts.values() if n > 1)
+        assert s[f"duplicate_rate_test_{key}"] == repeated / sum(counts.values()), key
+    assert s["duplicate_rate_test_impression"] > 0  # short impressions repeat: the count has teeth
+    for chance, task, field in ((s["chance"]["ts"]["rouge_l"], "ts", "target"),
+                                (s["chance"]["itg"]["constant_report_rouge_l"], "itg", "report")):
+        constant = Counter(texts(task, field, "train")).most_common(1)[0][0]
+        refs = texts(task, field)
+        gts = {i: [" ".join(normalize_text(r))] for i, r in enumerate(refs)}
+        res = {i: [" ".join(normalize_text(constant))] for i in range(len(refs))}
+        assert chance == pytest.approx(Rouge().compute_score(gts, res)[0], abs=1e-9), task
+    s = json.loads((two_runs[0] / "summary.json").read_text())  # 5 test cases
     assert s["chance"]["retrieval"]["R@1"] == pytest.approx(1 / 5)
     assert s["chance"]["ic"]["macro_auroc"] == 0.5
     assert "not unique within test" in (two_runs[0] / "README.md").read_text()

@@ -19,6 +19,7 @@ from data import PretrainDataset, Tokenizer, make_train_stream
 from losses import LossWeights
 from model import Config, PTUnifier
 from recipes import RECIPES
+from runtime import setup_runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,15 +85,29 @@ def test_gradients_reach_exactly_the_selected_prompts(synth_dir):
         assert torch.equal(touched, expected)
 
 
+def count_calls(calls: dict, owner, name: str) -> None:
+    """Count the calls of owner.name in calls[name] from now on."""
+    method, calls[name] = getattr(owner, name), 0
+    setattr(owner, name, lambda *a, **k: calls.__setitem__(name, calls[name] + 1) or method(*a, **k))
+
+
 def test_itc_only_step_runs_passes_3_and_4_only(synth_dir):
-    """The warm-up step: ITC alone (same value as in the full step), no MLM/ITM pass, heads untouched."""
+    """The warm-up step: ITC alone (same value as in the full step): one ViT pass, one text
+    encoding, two fusion passes (image-only, text-only: Fusion.streams starts each pass), no
+    MLM/ITM pass, heads untouched. The full step runs its four passes from one ViT pass."""
     tok = Tokenizer.load(synth_dir / "tokenizer.json")
     model = tiny_model(tok).eval()
     batch = first_batch(synth_dir, tok, model)
+    calls = {}
+    for owner, name in ((model, "encode_image"), (model, "encode_text"), (model.fusion, "streams")):
+        count_calls(calls, owner, name)
     full = train.PretrainStep(model, LossWeights())(batch)
+    assert calls == dict(encode_image=1, encode_text=2, streams=4)  # texts: the masked one, the true one
+    calls.update(dict.fromkeys(calls, 0))
     model.zero_grad()
     warm = train.PretrainStep(model, LossWeights())(batch, itc_only=True)
     warm.total.backward()
+    assert calls == dict(encode_image=1, encode_text=1, streams=2)
     assert warm.losses.mlm is None and warm.losses.itm is None
     torch.testing.assert_close(warm.losses.itc, full.losses.itc, rtol=0, atol=1e-6)
     torch.testing.assert_close(warm.total, 0.1 * full.losses.itc, rtol=0, atol=1e-6)
@@ -160,6 +175,7 @@ DETERMINISM_ARGS = ("--batch-size", "16", "--itc-warmup", "0")
 
 
 def assert_same_checkpoints(a: Path, b: Path) -> None:
+    """The same tensors to the bit (model, task modules, optimizer) and the same loop state."""
     meta_a, ta = read_checkpoint(a)
     meta_b, tb = read_checkpoint(b)
     assert meta_a["state"] == meta_b["state"]
@@ -227,20 +243,71 @@ def test_sigterm_saves_a_loadable_checkpoint(synth_dir, tmp_path):
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
 
 
-def test_two_process_ddp_run(synth_dir, tmp_path):
-    """torchrun with 2 gloo processes trains, agrees on the loss, and rank 0 alone writes the run folder."""
-    out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+@pytest.fixture(scope="module")
+def hf_folders(synth_dir, tmp_path_factory):
+    """A small CLIP vision tower (patch 16 at 64 px) and RoBERTa (the synthetic tokenizer's
+    vocabulary, no dropout), random weights saved as Hugging Face folders, and the live models."""
+    import transformers
+    tok = Tokenizer.load(synth_dir / "tokenizer.json")
+    root = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, image_size=64,
+        patch_size=16, hidden_act="quick_gelu"))
+    roberta = transformers.RobertaModel(transformers.RobertaConfig(
+        vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=4, max_position_embeddings=70, type_vocab_size=1, layer_norm_eps=1e-5,
+        pad_token_id=tok.pad_id, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    for name, m in (("clip", clip), ("roberta", roberta)):
+        m.save_pretrained(root / name)
+    return root / "clip", root / "roberta", clip, roberta
+
+
+def test_train_starts_from_hugging_face_folders(synth_dir, hf_folders, tmp_path):
+    """--vision-init / --text-init through train.py end to end (the tiny recipe with a CLIP ViT and
+    a RoBERTa of the folders' shapes): with --lr-encoder 0 the encoders of the final checkpoint are
+    the folders' weights, while the rest of the model trained."""
+    clip_dir, roberta_dir, clip, roberta = hf_folders
+    out = tmp_path / "run"
+    train.main(run_args(synth_dir, out, "--steps", "2", "--vision-init", str(clip_dir), "--text-init",
+                        str(roberta_dir), "--tokenizer", str(synth_dir / "tokenizer.json"), "--lr-encoder", "0"))
+    meta, tensors = read_checkpoint(out / "checkpoint.safetensors")
+    assert meta["state"]["step"] == 2
+    assert (meta["model_config"]["vision_stem"], meta["model_config"]["vision_width"]) == ("patch", 64)
+    hf_state = {**clip.state_dict(), **roberta.state_dict()}
+    for ours, theirs in (("vision.patch_embed.weight", "embeddings.patch_embedding.weight"),
+                         ("text.word_embeddings.weight", "embeddings.word_embeddings.weight")):
+        assert torch.equal(tensors[f"model/{ours}"], hf_state[theirs]), ours
+    fresh = tiny_model(Tokenizer.load(synth_dir / "tokenizer.json"))  # the fusion layers did move
+    assert not torch.equal(tensors["model/fusion.text_layers.0.fc1.weight"], fresh.fusion.text_layers[0].fc1.weight)
+
+
+def test_two_processes_train_what_one_process_does(synth_dir, hf_folders, tmp_path):
+    """torchrun with 2 gloo processes x 4 pairs against 1 process x 8 pairs, the same global batch,
+    one step: the same gradient to float rounding (AdamW's first moment after one step is 0.1 x the
+    clipped gradient; the parameters would not compare: Adam turns the rounding noise of gradients
+    that are 0, like a bias before a batch norm, into steps of the full rate), and rank 0 alone
+    writes the run folder. An ITC-only step with a CLIP (patch-stem) ViT: ITC and its batch norm
+    gather every rank's rows, where the tiny conv stem's BatchNorm, the ITM negatives and the MLM
+    mean are per rank in DDP, so a full tiny step on 2 processes is not a 1-process step."""
+    clip_dir, roberta_dir, _, _ = hf_folders
+    extra = ("--steps", "1", "--itc-warmup", "1", "--vision-init", str(clip_dir), "--text-init", str(roberta_dir),
+             "--tokenizer", str(synth_dir / "tokenizer.json"))
+    train.main(run_args(synth_dir, tmp_path / "one", *extra))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           "--standalone", str(ROOT / "train.py"),
-                           *run_args(synth_dir, out, "--steps", "3")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                           "--standalone", str(ROOT / "train.py"), *run_args(synth_dir, tmp_path / "two", *extra)],
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    meta, _ = read_checkpoint(out / "checkpoint.safetensors")
-    assert meta["state"]["step"] == 3
-    assert json.loads((out / "config.json").read_text())["world_size"] == 2
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["world_size"] == 2
+    assert proc.stdout.count("zero-shot retrieval on") == 1  # rank 0 alone evaluates
+    (_, one), (_, two) = (read_checkpoint(tmp_path / n / "checkpoint.safetensors") for n in ("one", "two"))
+    moments = [name for name in one if name.endswith("/exp_avg")]
+    largest = max(one[name].abs().max().item() for name in moments)
+    assert len(moments) > 50 and largest > 0
+    for name in moments:  # to 1e-5 of the largest entry (float rounding: about 1e-6 of it)
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5 * largest, msg=name)
 
 
 def test_lr_schedule_warmup_then_linear_decay():
@@ -250,6 +317,39 @@ def test_lr_schedule_warmup_then_linear_decay():
     assert f[10] == pytest.approx(1.0) and f[55] == pytest.approx(0.5)
     assert f[99] == pytest.approx(1 / 90)
     assert all(a <= b for a, b in zip(f[:10], f[1:10]))
+
+
+def test_lr_schedule_holds_at_the_peak_until_decay_from():
+    """The tiny recipe's shape (peak held until 70% of the steps), worked by hand for 100 steps with
+    10% warm-up: (s + 1) / 10 for s < 10; 1 for 10 <= s < 70; (100 - s) / 30 from s = 70; a plateau
+    shorter than the warm-up decays right after it."""
+    f = [train.lr_factor(s, 100, 0.1, decay_from=0.7) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[4] == pytest.approx(0.5) and f[9] == pytest.approx(1.0)
+    assert f[10:70] == [1.0] * 60
+    assert f[70] == pytest.approx(1.0) and f[85] == pytest.approx(0.5) and f[99] == pytest.approx(1 / 30)
+    assert [train.lr_factor(s, 100, 0.1, decay_from=0.05) for s in (9, 10, 55)] == \
+        pytest.approx([1.0, 1.0, 0.5])  # decay from step 10: (100 - 55) / 90
+    assert train.lr_factor(99, 100, 0.1, decay_from=0.05) == pytest.approx(1 / 90)
+
+
+def test_accumulated_gradients_are_the_mean_of_the_micro_steps(synth_dir, tmp_path):
+    """--batch-size 8 --micro-batch 4: the gradient of one step, accumulated over its two
+    micro-batches, is the mean of the two micro-batches' gradients computed one at a time."""
+    cfg = train.parse_args(run_args(synth_dir, tmp_path, "--steps", "1", "--micro-batch", "4", "--itc-warmup", "0"))
+    run = train.start_run(cfg, setup_runtime("cpu"))
+    assert run.accum == 2
+    micro = [next(run.batches), next(run.batches)]
+    run.batches = iter(micro)
+    train.accumulate_gradients(run, itc_only=False)
+    accumulated = {n: p.grad.clone() for n, p in run.model.named_parameters() if p.grad is not None}
+    step, separate = train.PretrainStep(run.model, LossWeights()), []
+    for batch in micro:
+        run.model.zero_grad()
+        step(batch).total.backward()
+        separate.append({n: p.grad.clone() for n, p in run.model.named_parameters() if p.grad is not None})
+    assert accumulated.keys() == separate[0].keys() == separate[1].keys()
+    for n, g in accumulated.items():
+        torch.testing.assert_close(g, (separate[0][n] + separate[1][n]) / 2, rtol=1e-5, atol=1e-7, msg=n)
 
 
 def test_optimizer_groups_follow_the_paper(synth_dir):
@@ -296,6 +396,16 @@ def test_an_objective_with_weight_zero_does_not_run(synth_dir, weights, passes):
     assert (model.itm_head.weight.grad is None) == (weights[1] == 0)
     assert (model.itc_image.proj.weight.grad is None) == (weights[2] == 0)
     assert (out.textual_prompts is None) == (weights[2] == 0)
+
+
+def test_resume_is_a_flag_or_auto():
+    """A bare --resume is strict (the checkpoint must exist), --resume auto is the relaunch mode."""
+    assert train.parse_args([]).resume is None
+    assert train.parse_args(["--resume"]).resume == "strict"
+    assert train.parse_args(["--resume", "--steps", "3"]).resume == "strict"
+    assert train.parse_args(["--resume", "auto", "--steps", "3"]).resume == "auto"
+    with pytest.raises(SystemExit, match="--resume 'sometimes': expected 'auto'"):
+        train.parse_args(["--resume", "sometimes"])
 
 
 def test_switching_itc_off_needs_no_itc_only_start():
