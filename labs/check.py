@@ -3,7 +3,8 @@
     python labs/check.py 1                      # one line per number: PASS name value [lo, hi]
     python labs/check.py 4 --seed 1             # another of the recorded seeds
     python labs/check.py 4 --reuse              # keep the default run that runs/labs already holds
-    python labs/check.py 2 --record --seeds 0 1 2   # (maintainers) measure every seed, write expected.json
+    python labs/check.py 2 --record --seeds 0 1 2   # (maintainers) measure every seed, write expected.json,
+                                                    # re-render the handout's numbers
 
 Exit status 0 only when every number lies in its band. A band is the mean over the recorded seeds
 +- max(3 standard deviations, the floor that the lab's measure.py states for that number).
@@ -16,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import handouts  # noqa: E402
 
 
 def measure(folder: Path, seed: int) -> dict[str, float]:
@@ -32,19 +34,21 @@ def check(folder: Path, seed: int) -> bool:
     expected = common.read_expected(folder)
     if not expected:
         raise SystemExit(f"{folder}/expected.json is missing: record it with --record")
-    print(f"lab {folder.name}: {duration(expected['minutes'])} on a 2-core CPU "
+    print(f"lab {folder.name}: {handouts.duration(expected['minutes'])} on a 2-core CPU "
           f"(measured {expected['environment']['date']}); started {time.strftime('%H:%M:%S')}, "
           f"done around {time.strftime('%H:%M', time.localtime(time.time() + 60 * expected['minutes']))}",
           flush=True)
     values, _, _ = measure(folder, seed)
-    ok = True
-    for name, entry in expected["numbers"].items():
-        lo, hi = entry["band"]
-        value = values[name]
-        good = lo <= value <= hi
-        ok &= good
+    rows = compare(expected, values)
+    for name, value, (lo, hi), good in rows:
         print(f"{'PASS' if good else 'FAIL'} {name} {common.fmt(value)} [{common.fmt(lo)}, {common.fmt(hi)}]")
-    return ok
+    return all(good for *_, good in rows)
+
+
+def compare(expected: dict, values: dict[str, float]) -> list[tuple[str, float, tuple[float, float], bool]]:
+    """(name, measured value, band, whether it lies in the band) for every number of expected.json."""
+    return [(name, values[name], tuple(e["band"]), e["band"][0] <= values[name] <= e["band"][1])
+            for name, e in expected["numbers"].items()]
 
 
 def record(folder: Path, seeds: list[int]) -> None:
@@ -60,39 +64,6 @@ def record(folder: Path, seeds: list[int]) -> None:
     print(f"wrote {folder / 'expected.json'}")
 
 
-BEGIN, END = "<!-- expected.json: begin -->", "<!-- expected.json: end -->"
-
-
-def duration(minutes: float) -> str:
-    return f"about {minutes * 60:.0f} s" if minutes < 1 else f"about {minutes:.1f} min"
-
-
-def expected_table(folder: Path) -> str:
-    """The handout's table of expected numbers, rendered from expected.json."""
-    expected = common.read_expected(folder)
-    env = expected["environment"]
-    lines = [f"Measured {env['date']} with torch {env['torch']}, {env['threads']} thread(s), seeds "
-             f"{', '.join(map(str, next(iter(expected['numbers'].values()))['seeds']))}; "
-             f"{duration(expected['minutes'])} per seed. `python labs/check.py {int(folder.name[:2])}` passes "
-             "when every number lies in its band (mean +- max(3 std, floor)).", "",
-             "| number | mean | std | band |", "|---|---|---|---|"]
-    for name, e in expected["numbers"].items():
-        lines.append(f"| `{name}` | {common.fmt(e['mean'])} | {common.fmt(e['std'])} | "
-                     f"[{common.fmt(e['band'][0])}, {common.fmt(e['band'][1])}] |")
-    return "\n".join(lines)
-
-
-def update_handout(folder: Path) -> None:
-    """Replace the handout's block between BEGIN and END with expected_table."""
-    path = folder / "README.md"
-    text = path.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{path} has no {BEGIN} ... {END} block")
-    head, rest = text.split(BEGIN, 1)
-    path.write_text(head + BEGIN + "\n" + expected_table(folder) + "\n" + END + rest.split(END, 1)[1])
-    print(f"updated {path}")
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("lab", type=int, help="lab number, e.g. 1")
@@ -106,7 +77,7 @@ def main(argv=None) -> int:
     folder = common.lab_folder(a.lab)
     if a.record:
         record(folder, a.seeds)
-        update_handout(folder)
+        handouts.update(folder)
         return 0
     return 0 if check(folder, a.seed) else 1
 
