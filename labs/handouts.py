@@ -7,13 +7,17 @@ written in front of an HTML comment that says where it comes from (Markdown view
 
     about 37<!--= rows_with_gradient_ours.mean:.0f --> of the 64 rows
 
-`render` recomputes each such number from the expression before the last colon, in the format
-after it, and writes it in front of its comment. The names an expression may use (`names`): every
+`render_numbers` recomputes each such number from the expression before the last colon, in the
+format after it, and writes it in front of its comment. An expression may name (`names`): every
 number of the lab's expected.json (with .mean, .std, .band, .values, .seeds), `minutes` (its time
-per seed), `measure` (its measure.py: STEPS, ...), `tiny` (the tiny preset's model config); the ablation lab's `t3` / `t4` (its collected
-tables: t3.mlm_itm.ic_1pct.mean, .std); in labs/README.md, `lab1` ... `lab7` holding each lab's
-names; and log, min, max, abs, sum, len, zip, round. `python labs/notebooks.py` (or `check.py
---record`) rewrites the files; labs/test_handouts.py fails while a file differs from its rendering.
+per seed), `measure` (its measure.py: STEPS, ...), `tiny` and `recipe` (the tiny preset's model
+config and recipe); in the ablation lab, `t3` / `t4` (its collected tables: t3.mlm_itm.ic_1pct.mean,
+.std) and `ablate`; in labs/README.md, `lab1` ... `lab8` holding each lab's names; and log, min,
+max, abs, sum, len, zip, round, getattr. `python labs/notebooks.py` (or `check.py --record`)
+rewrites the files; labs/test_handouts.py fails while a file differs from its rendering. A number
+measured elsewhere (a benchmark's baseline) names its source instead, `13.7<!--source: docs/NOTES.md
+section 2 -->`: the test for the prose that reports results accepts no third kind of decimal or
+percentage.
 """
 from __future__ import annotations
 
