@@ -2,7 +2,7 @@
 (from its expected.json) and every measured number in the prose, which carries the expression
 that computes it.
 
-A number in a handout (labs/NN-slug/README.md), an answer sheet (answers.md) or labs/README.md is
+A number in a lab's handout (its README.md), its answer sheet (answers.md) or labs/README.md is
 written in front of an HTML comment that says where it comes from (Markdown viewers hide it):
 
     about 37<!--= rows_with_gradient_ours.mean:.0f --> of the 64 rows
