@@ -192,7 +192,7 @@ def run(notebook, folder: Path, label: str) -> tuple[bool, str]:
     code cell's time; (no cell raised, the error's text). `notebook` keeps its outputs. No time
     limit per cell: a loaded machine runs a lab several times slower than its stated time."""
     from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError
+    from nbclient.exceptions import CellExecutionError, DeadKernelError
     started = {}
 
     def before(cell, cell_index, **_):
@@ -206,7 +206,7 @@ def run(notebook, folder: Path, label: str) -> tuple[bool, str]:
                             on_cell_executed=after, resources={"metadata": {"path": str(folder)}})
     try:
         client.execute()
-    except CellExecutionError as error:
+    except (CellExecutionError, DeadKernelError) as error:  # a cell raised; the kernel died
         return False, str(error)
     return True, ""
 
