@@ -148,8 +148,17 @@ def collect(folder: Path) -> dict:
 
 
 def collect_into(folder: Path, pictures: Path) -> dict:
-    """`collect` with the PNGs written to `pictures`. Returns {table: {config: {"seeds": [...],
-    column: (mean, std)}}}."""
+    """`collect` with the PNGs written to `pictures`. Returns `summarise(folder)`."""
+    summary = summarise(folder)
+    for table, rows in summary.items():
+        print("\n" + markdown(table, rows))
+        plot(table, rows, pictures / f"table{table}.png")
+    return summary
+
+
+def summarise(folder: Path) -> dict:
+    """The cells of `folder` (its table*-seed*.json) over their seeds: {table: {config: {"seeds":
+    [...], column: (mean, std)}}}."""
     cells: dict = {}
     for path in sorted(folder.glob("table*-seed*.json")):
         entry = json.loads(path.read_text())
@@ -164,8 +173,6 @@ def collect_into(folder: Path, pictures: Path) -> dict:
                 values = [r["metrics"][column] for r in runs]
                 row[column] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
             summary[table][config] = row
-        print("\n" + markdown(table, summary[table]))
-        plot(table, summary[table], pictures / f"table{table}.png")
     return summary
 
 

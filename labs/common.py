@@ -43,12 +43,19 @@ def load_module(path: Path, name: str):
 
 
 def exercise(test_file: str):
-    """The module a lab's tests check: reference.py, or student.py when LABS_IMPL=student."""
+    """The module a lab's tests check: reference.py, student.py when LABS_IMPL=student, or the
+    functions a lab's notebook defines when LABS_IMPL=notebook (lab_notebook.Lab.grade registers
+    them as the module `NN_slug_notebook` before it runs the tests)."""
     which = os.environ.get("LABS_IMPL", "reference")
-    if which not in ("reference", "student"):
-        raise SystemExit(f"LABS_IMPL={which!r}: expected 'reference' or 'student'")
+    if which not in ("reference", "student", "notebook"):
+        raise SystemExit(f"LABS_IMPL={which!r}: expected 'reference', 'student' or 'notebook'")
     folder = Path(test_file).resolve().parent
-    return load_module(folder / f"{which}.py", f"{folder.name.replace('-', '_')}_{which}")
+    name = f"{folder.name.replace('-', '_')}_{which}"
+    if which == "notebook":
+        if name not in sys.modules:
+            raise SystemExit(f"LABS_IMPL=notebook: no module {name}; grade from the lab's notebook (lab.grade)")
+        return sys.modules[name]
+    return load_module(folder / f"{which}.py", name)
 
 
 # ----------------------------------------------------------------------------- pre-training
