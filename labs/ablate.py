@@ -30,8 +30,8 @@ import common  # noqa: E402
 DATA = common.ROOT / "data" / "synth"
 # Every cell starts from the default run of 2026-11-30, on which both tables were measured: each
 # image then selected 8 textual prompts, where the default run now selects 16 (docs/NOTES.md 4.13).
-# Pinned to that recipe (and Table 4's pool of 16 needs k <= 16). The text layers have since learnt
-# to skip the pads (model.Packing), which moves every run's numerics: a re-run gives new draws of
+# Pinned to that recipe (and Table 4's pool of 16 needs k <= 16). The step's numerics have changed
+# since (commit 8b2bd96 measured the tables; docs/NOTES.md 4.13, 7): a re-run gives new draws of
 # the same recipe, not the recorded numbers.
 TABLE_RECIPE = ("--k-textual", "8")
 NO_ITC = ("--itc-weight", "0", "--itc-warmup", "0")

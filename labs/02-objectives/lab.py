@@ -27,7 +27,7 @@
 #   pair together against every other pair of the batch.
 #
 # Code: `losses.mlm_loss`, `losses.itm_loss`, `losses.itc_loss`, `losses.total_loss`,
-# `train.PretrainStep` (the four fusion passes of a step).
+# `step.PretrainStep` (the four fusion passes of a step).
 
 # %% tags=["setup"]
 # Find the project: Jupyter starts the kernel in this notebook's folder (labs/NN-slug/ of a clone).

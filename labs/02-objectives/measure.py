@@ -2,7 +2,7 @@
 overfitted, and the image-text similarity matrix before and after.
 
 The tiny preset's model (seeded) and the first 16 training pairs of the synthetic benchmark; the
-pre-training step of train.py (train.PretrainStep): 40 ITC-only steps, then 60 steps of all three
+pre-training step of train.py (step.PretrainStep): 40 ITC-only steps, then 60 steps of all three
 objectives at their official weights, AdamW at the recipe's rate. Similarities are the cosines of
 the image-only and text-only passes' ITC embeddings (eval mode), as zero-shot retrieval uses them.
 """
@@ -17,7 +17,7 @@ from data import PretrainDataset, Tokenizer, make_train_stream
 from losses import LossWeights
 from recipes import RECIPES, build_model
 from runtime import seed_everything
-from train import PretrainStep
+from step import PretrainStep
 
 PICTURE = "similarity.png"
 PAIRS, ITC_ONLY, FULL = 16, 40, 60

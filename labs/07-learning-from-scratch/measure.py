@@ -1,6 +1,6 @@
 """Lab 7 measurements: the collapse that stalls contrastive learning from scratch, and the fix.
 
-Two ITC-only pre-trainings of the tiny model from the same seed (train.PretrainStep, STEPS steps of
+Two ITC-only pre-trainings of the tiny model from the same seed (step.PretrainStep, STEPS steps of
 64 training pairs, AdamW at the recipe's rates): the recipe as it is, and the same without the
 batch normalisation of the ITC embeddings (Config.itc_batch_norm, docs/NOTES.md section 1, item 8).
 Every EVERY steps, on a fixed probe batch of 64 training images in eval mode: the variance ratio of
@@ -20,7 +20,7 @@ from data import PretrainDataset, Tokenizer, make_train_stream
 from losses import LossWeights
 from recipes import RECIPES, build_model
 from runtime import seed_everything
-from train import PretrainStep
+from step import PretrainStep
 
 PICTURE = "collapse.png"
 STEPS, EVERY, BATCH = 150, 10, 64

@@ -45,10 +45,12 @@ lab = lab_notebook.Lab(8)
 # Every cell starts from the tables' recipe: the default run of 2026-11-30, on which both tables
 # were measured, where each image selected 8 textual prompts (`--k-textual 8`, which `ablate.py`
 # adds to every cell: `TABLE_RECIPE`). The default run now selects 16, which raised zero-shot
-# retrieval (docs/NOTES.md 4.13), and the text layers now skip the pads (`model.Packing`), which
-# changes every run's numerics (the same seed of the tables' recipe: zero-shot R@1 10.7 / 11.7%
-# before, 8.3 / 9.2% after). The tables were not measured again: a cell you run today is a new draw
-# of the tables' recipe, to be compared with the recorded cells within their seed spread.
+# retrieval (docs/NOTES.md 4.13). The step's numerics have changed twice since the tables were
+# measured (with the code of commit 8b2bd96): the text layers skipped the pads (the same seed of the
+# tables' recipe: zero-shot R@1 10.7 / 11.7% before, 8.3 / 9.2% after), then the step took fixed
+# shapes and computes the pads (docs/NOTES.md 7), and fine-tuning draws its batches anew (section
+# 6). The tables were not measured again: a cell you run today is a new draw of the tables' recipe,
+# to be compared with the recorded cells within their seed spread.
 #
 # | table | config | pre-training flags (the tables' recipe otherwise) |
 # |---|---|---|
