@@ -92,7 +92,7 @@ lab.grade(globals())  # test_lab02.py on the functions above
 #    fastest? How often will an image's own text be the most similar of the 16 afterwards?
 
 # %% [markdown] tags=["answer"]
-# **Answer.** ITM and ITC fall to almost nothing (0.0005 and 0.0067: telling 16 pairs apart is easy
+# **Answer.** ITM and ITC fall to almost nothing (0.0005 and 0.0066: telling 16 pairs apart is easy
 # to memorise); MLM falls slowest (0.34): it must recall the exact token at every masked place
 # among V. Top-1 goes from 8% (about chance, 1/16 = 6%) to 100%.
 
@@ -106,21 +106,21 @@ lab.grade(globals())  # test_lab02.py on the functions above
 # `runs/labs/02-objectives/seed0/similarity.png`, the 16 x 16 image-text cosine matrix before and
 # after (the diagonal holds the true pairs).
 #
-# Measured 2026-11-30 with torch 2.13.0+cpu, 1 thread(s), seeds 0, 1, 2; about 26 s per seed. `python labs/check.py 2` passes when every number lies in its band (mean +- max(3 std, floor)).
+# Measured 2026-12-05 with torch 2.13.0+cpu, 1 thread(s), seeds 0, 1, 2; about 18 s per seed. `python labs/check.py 2` passes when every number lies in its band (mean +- max(3 std, floor)).
 #
 # | number | mean | std | band |
 # |---|---|---|---|
 # | `mlm_init` | 7.06 | 0.02856 | [6.974, 7.145] |
 # | `itm_init` | 0.6939 | 0.002081 | [0.6839, 0.7039] |
 # | `itc_init` | 3.095 | 0.1075 | [2.773, 3.418] |
-# | `mlm_final` | 0.3406 | 0.08521 | [0.04057, 0.6406] |
-# | `itm_final` | 4.992e-04 | 5.051e-05 | [-0.0995, 0.1005] |
-# | `itc_final` | 0.006734 | 5.760e-04 | [-0.1433, 0.1567] |
+# | `mlm_final` | 0.3399 | 0.08416 | [0.03989, 0.6399] |
+# | `itm_final` | 4.855e-04 | 2.424e-05 | [-0.09951, 0.1005] |
+# | `itc_final` | 0.006625 | 4.156e-04 | [-0.1434, 0.1566] |
 # | `top1_before` | 0.08333 | 0.03608 | [-0.06667, 0.2333] |
 # | `top1_after` | 1 | 0 | [0.9, 1.1] |
 
 # %% tags=["measure"]
-values = lab.measure(seed=0)  # measure.py (about 26 s on 2 cores): its table prints below
+values = lab.measure(seed=0)  # measure.py (about 18 s on 2 cores): its table prints below
 
 # %% tags=["measure"]
 lab.compare(values)  # each number beside its band, from expected.json

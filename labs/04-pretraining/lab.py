@@ -48,15 +48,15 @@ lab = lab_notebook.Lab(4)
 
 # %% [markdown] tags=["answer"]
 # **Answer.** It depends on the measure. In loss units MLM falls furthest: 3.82 against ln V = 7.05
-# (3.2 below). Relative to chance ITC does: 1.28 against ln 64 = 4.16, 31% of it.
-# ITM ends at 0.44 against ln 2 = 0.69, and varies most between seeds (std 0.13).
+# (3.2 below). Relative to chance ITC does: 1.29 against ln 64 = 4.16, 31% of it.
+# ITM ends at 0.51 against ln 2 = 0.69, and varies most between seeds (std 0.10).
 
 # %% [markdown]
 # 2. Chance R@1 on 1,000 pairs is 0.1%. A model that knew every attribute the renderer draws would
 #    reach 57%. Where will a 5-minute CPU run land?
 
 # %% [markdown] tags=["answer"]
-# **Answer.** R@1 about 10.3% image-to-text and 11.5% text-to-image, R@10 about 51%: a hundred
+# **Answer.** R@1 about 10.4% image-to-text and 10.9% text-to-image, R@10 about 51%: a hundred
 # times chance, and far below the ceiling.
 
 # %% [markdown]
@@ -78,26 +78,26 @@ lab = lab_notebook.Lab(4)
 # `runs/labs/04-pretraining/seed0/pretraining.png`, the three loss curves against their chance
 # levels, with the step where MLM and ITM join.
 #
-# Measured 2026-11-30 with torch 2.13.0+cpu, 1 thread(s), seeds 0, 1, 2; about 4.1 min per seed. `python labs/check.py 4` passes when every number lies in its band (mean +- max(3 std, floor)).
+# Measured 2026-12-05 with torch 2.13.0+cpu, 1 thread(s), seeds 0, 1, 2; about 5.8 min per seed. `python labs/check.py 4` passes when every number lies in its band (mean +- max(3 std, floor)).
 #
 # | number | mean | std | band |
 # |---|---|---|---|
-# | `i2t_r1` | 0.1027 | 0.0125 | [0.06516, 0.1402] |
-# | `t2i_r1` | 0.1153 | 0.01762 | [0.06248, 0.1682] |
-# | `i2t_r10` | 0.514 | 0.03897 | [0.3971, 0.6309] |
-# | `t2i_r10` | 0.52 | 0.05122 | [0.3664, 0.6736] |
-# | `mlm_final` | 3.82 | 0.02832 | [3.52, 4.12] |
-# | `itm_final` | 0.4443 | 0.1332 | [0.04463, 0.844] |
-# | `itc_final` | 1.28 | 0.1238 | [0.9089, 1.651] |
+# | `i2t_r1` | 0.1037 | 0.01607 | [0.05545, 0.1519] |
+# | `t2i_r1` | 0.1093 | 0.01401 | [0.0673, 0.1514] |
+# | `i2t_r10` | 0.51 | 0.03387 | [0.4084, 0.6116] |
+# | `t2i_r10` | 0.5183 | 0.02409 | [0.4461, 0.5906] |
+# | `mlm_final` | 3.816 | 0.02627 | [3.516, 4.116] |
+# | `itm_final` | 0.512 | 0.1048 | [0.1976, 0.8264] |
+# | `itc_final` | 1.294 | 0.1441 | [0.862, 1.727] |
 # | `itc_only_steps` | 252 | 0 | [212, 292] |
-# | `textual_used` | 41.67 | 4.509 | [28.14, 55.19] |
-# | `visual_used` | 26 | 7.211 | [4.367, 47.63] |
+# | `textual_used` | 42 | 3 | [33, 51] |
+# | `visual_used` | 25.67 | 7.234 | [3.964, 47.37] |
 #
 # (`*_final`: the mean over the last 50 steps; `itc_only_steps`: when MLM and ITM joined;
 # `*_used`: distinct pool entries the test split selects.)
 
 # %% tags=["measure"]
-values = lab.measure(seed=0)  # measure.py (about 4.1 min on 2 cores): its table prints below
+values = lab.measure(seed=0)  # measure.py (about 5.8 min on 2 cores): its table prints below
 
 # %% tags=["measure"]
 lab.compare(values)  # each number beside its band, from expected.json
@@ -112,7 +112,7 @@ lab.picture()
 #   steps (its weight is now the smallest, in a sum that MLM dominates), then falls again as the rates decay.
 # - ITM stays at ln 2 for about 150 steps after it joins, then falls: the fusion layer first has to
 #   learn to compare the two streams; ITC has already aligned them.
-# - Retrieval (R@1 10.3% / 11.5%) is far above chance (0.1%) and far below the
+# - Retrieval (R@1 10.4% / 10.9%) is far above chance (0.1%) and far below the
 #   ceiling of question 2: a longer run keeps improving (docs/NOTES.md section 4).
 # - The test split selects 42 of the 64 textual and 26 of the visual entries (means over the
-#   seeds, which differ by up to 9 and 14): a pool settles on a part of its entries.
+#   seeds, which differ by up to 6 and 13): a pool settles on a part of its entries.
