@@ -456,11 +456,9 @@ class Tokenizer:
         Returns (input_ids LongTensor[B, L], attention_mask LongTensor[B, L]), L <= max_length.
         Raises ValueError for a text that is empty after cleaning.
         """
-        firsts = [self._checked(t) for t in texts]
-        inputs = firsts if pair is None else list(zip(firsts, [self._checked(t) for t in pair]))
         self.backend.enable_truncation(max_length, strategy="longest_first")
         self.backend.no_padding()
-        encodings = self.backend.encode_batch(inputs)
+        encodings = self.backend.encode_batch(self._inputs(texts, pair))
         length = max(len(e.ids) for e in encodings)
         ids = torch.full((len(encodings), length), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(encodings), length), dtype=torch.long)
@@ -468,6 +466,17 @@ class Tokenizer:
             ids[row, : len(e.ids)] = torch.tensor(e.ids, dtype=torch.long)
             mask[row, : len(e.ids)] = 1
         return ids, mask
+
+    def count(self, texts: list[str], pair: list[str] | None = None) -> list[int]:
+        """Tokens of each text (or pair), specials included, before `encode` truncates it."""
+        self.backend.no_truncation()
+        self.backend.no_padding()
+        return [len(e.ids) for e in self.backend.encode_batch(self._inputs(texts, pair))]
+
+    def _inputs(self, texts: list[str], pair: list[str] | None):
+        """Cleaned texts, or (text, pair) tuples; an empty text raises."""
+        firsts = [self._checked(t) for t in texts]
+        return firsts if pair is None else list(zip(firsts, [self._checked(t) for t in pair]))
 
     @staticmethod
     def _checked(text: str) -> str:
