@@ -39,6 +39,9 @@ def test_the_layers_hold():
     assert imports_of(MODULES["synth"]) <= {"data", "metrics"}
     assert imports_of(MODULES["model"]) <= {"prompts", "losses"}
     assert imports_of(MODULES["runtime"]) == set()
+    # Using a trained model (predict.py) stands on the evaluation code, below the benchmark.
+    assert {"zeroshot", "finetune", "checkpoint", "data"} <= imports_of(MODULES["predict"])
+    assert not imports_of(MODULES["predict"]) & {"train", "evaluate", "prepare", "bench"}
 
 
 def test_no_source_file_over_900_lines():
