@@ -65,13 +65,15 @@ def finetuned(bench):
     context on the test split); written by finetune.save_finetuned as a run writes best.safetensors."""
     root, tok, _ = bench
     out = {}
-    for task in ("ic", "tc", "vqa", "ts", "itg"):
+    for task in ("ic", "tc", "vqa", "ts", "itg", "retrieval"):
         cfg = ft.FinetuneConfig(task=task, data=str(root / task), init=str(root / "pre.safetensors"),
                                 eval_batch=BATCH, workers=0, device="cpu", max_gen_len=10).resolved()
         backbone, _, _ = ft.load_backbone(cfg, tok)
         names = ft.output_names(ft.TASKS[task], json.loads((root / task / "meta.json").read_text()))
         torch.manual_seed(1)
         model = ft.FinetuneModel(backbone, ft.TASKS[task], len(names)).eval()
+        if task == "retrieval":  # its own ITC space: the pre-training checkpoint's, moved
+            torch.nn.init.normal_(backbone.itc_image.proj.weight, std=0.1)
         path = root / f"{task}.safetensors"
         ft.save_finetuned(path, model, names, 1, {}, cfg)
         out[task] = (path, model, ft.EvalContext(root / task, tok, names, setup_runtime("cpu"), cfg))
@@ -136,6 +138,20 @@ def test_embeddings_and_search_equal_zero_shot_retrieval(bench, tmp_path):
     expected = Image.open(first["path"]).convert("RGB").resize((thumb, thumb))
     assert np.array_equal(np.asarray(sheet.crop((10 + thumb + 10, 44, 10 + 2 * thumb + 10, 44 + thumb))),
                           np.asarray(expected))
+
+
+def test_a_retrieval_checkpoint_searches_its_own_itc_space(bench, finetuned):
+    root, tok, pretrained = bench
+    path, model, _ = finetuned["retrieval"]
+    paths, records = paths_of(root, "retrieval")
+    ref = embed_retrieval(model.backbone, root / "retrieval", "test", tok, CPU, BATCH, num_workers=0)
+    p = load(path)
+    images = p.embed_images(paths)
+    assert torch.equal(images.vectors, ref[0])
+    assert not torch.allclose(images.vectors, load(root / "pre.safetensors").embed_images(paths).vectors)
+    found = p.search(records[0]["text"], images, top=N_TEST)[0]["hits"]  # one text: a batch of its own
+    assert [h["score"] for h in found] == pytest.approx(sorted((ref[1][0] @ ref[0].T).tolist(), reverse=True),
+                                                        abs=1e-6)
 
 
 def test_embed_command_writes_the_embeddings(bench, tmp_path, capsys):
