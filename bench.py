@@ -60,13 +60,13 @@ import torch
 
 import synth
 import train
-from data import (MLM_BUCKET, Batch, PretrainDataset, Tokenizer, itm_pairs, make_train_stream, mlm_positions,
-                  round_up)
+from data import MLM_BUCKET, Batch, PretrainDataset, itm_pairs, make_train_stream, mlm_positions
 from losses import LossWeights
 from hf import config_from_hf, load_hf_encoders
 from model import Config, PTUnifier
 from recipes import RECIPES
 from step import PretrainStep
+from tokenizer import Tokenizer, round_up
 
 RESULTS = Path("bench_results")
 # Dense bf16 tensor-core peak FLOP/s (vendor datasheets, without sparsity). A CPU has no sensible

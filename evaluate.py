@@ -26,8 +26,10 @@ from PIL import Image, ImageDraw
 import finetune
 import synth
 from checkpoint import load_pretrained
-from data import TaskDataset, Tokenizer, load_image, read_manifest, resolve_image
+from data import TaskDataset, load_image, read_manifest, resolve_image
 from metrics import class_aurocs, clinical_efficacy, nlg_metrics, vqa_accuracy
+from predict import Predictor
+from tokenizer import Tokenizer
 from zeroshot import embed_retrieval, zero_shot_classification, zero_shot_retrieval
 
 
@@ -154,7 +156,9 @@ def example_sheet(model, tokenizer, root, vqa_checkpoint, device, path, n: int =
     top1 = (image_emb[:n] @ text_emb.T).argmax(dim=1).tolist()
     vqa_records, vqa_meta = read_manifest(root / "vqa", "test")
     vqa_records = vqa_records[:n]
-    predicted = finetune.predict_answers(vqa_checkpoint, root / "vqa", tokenizer, device, n)
+    vqa = Predictor.load(vqa_checkpoint, root / "tokenizer.json", device.type, progress=False)
+    predicted = [row["answer"] for row in vqa.answer(
+        [resolve_image(root / "vqa", vqa_meta, r["image"]) for r in vqa_records], [r["question"] for r in vqa_records])]
 
     size, width = 160, 760
     sheet = Image.new("RGB", (width, 2 * n * (size + 10) + 40), "white")

@@ -57,8 +57,7 @@ from tqdm import tqdm
 
 from checkpoint import (CheckpointError, check_resume, load_model_state, load_optimizer_state,
                         load_pretrained, read_checkpoint, read_metadata, save_checkpoint)
-from data import (SkipTracker, TaskDataset, Tokenizer, locate_tokenizer, make_loader, make_train_stream, read_meta,
-                  stratified_subset)
+from data import SkipTracker, TaskDataset, make_loader, make_train_stream, read_meta, stratified_subset
 from generation import TextDecoder, generate, generation_memory
 from losses import itc_loss
 from metrics import accuracy, class_aurocs, nlg_metrics, recall_at_k, vqa_accuracy
@@ -67,6 +66,7 @@ from recipes import build_model, recipe, with_defaults
 from runtime import (Runtime, SaveClock, StopSignal, adamw, any_rank, barrier, check_resume_mode, cleanup,
                      dataclass_cli, finish_step, lr_factor, print0, resume_point, seed_everything, seed_step, set_lr,
                      setup_runtime, snapshot_buffers)
+from tokenizer import Tokenizer, locate_tokenizer
 from zeroshot import embed_retrieval
 
 # ----------------------------------------------------------------------------- the tasks
@@ -267,13 +267,19 @@ def load_backbone(cfg: FinetuneConfig, tokenizer: Tokenizer) -> tuple[PTUnifier,
     if not cfg.init:
         return build_model(cfg.preset, tokenizer), None, {}
     backbone, meta, tensors = load_pretrained(cfg.init)
-    mcfg = backbone.config
-    if mcfg.vocab_size != tokenizer.vocab_size or mcfg.pad_token_id != tokenizer.pad_id:
-        raise SystemExit(f"{cfg.init}: the checkpoint's vocab_size={mcfg.vocab_size} (pad id "
-                         f"{mcfg.pad_token_id}) does not match the tokenizer {locate_tokenizer(cfg.data, cfg.tokenizer)} "
-                         f"(vocab_size={tokenizer.vocab_size}, pad id {tokenizer.pad_id}); pass the "
-                         "tokenizer the checkpoint was pre-trained with (--tokenizer)")
+    mismatch = vocabulary_mismatch(cfg.init, backbone.config, tokenizer, locate_tokenizer(cfg.data, cfg.tokenizer))
+    if mismatch:
+        raise SystemExit(mismatch)
     return backbone, meta, tensors
+
+
+def vocabulary_mismatch(path, mcfg, tokenizer: Tokenizer, tokenizer_path) -> str | None:
+    """Why the checkpoint `path` (model Config `mcfg`) cannot read the tokenizer's ids, or None."""
+    if mcfg.vocab_size == tokenizer.vocab_size and mcfg.pad_token_id == tokenizer.pad_id:
+        return None
+    return (f"{path}: the checkpoint's vocab_size={mcfg.vocab_size} (pad id {mcfg.pad_token_id}) does "
+            f"not match the tokenizer {tokenizer_path} (vocab_size={tokenizer.vocab_size}, pad id "
+            f"{tokenizer.pad_id}); pass the tokenizer the checkpoint was pre-trained with (--tokenizer)")
 
 
 def load_task_modules(model: FinetuneModel, path, meta: dict, tensors: dict, names: list[str]) -> bool:
@@ -306,27 +312,16 @@ def save_finetuned(path: Path, model: FinetuneModel, names: list[str], cfg: Fine
                                   config=dataclasses.asdict(cfg)))
 
 
-def load_finetuned(path, folder, tokenizer: Tokenizer, device) -> FinetuneModel:
-    """A fine-tuned checkpoint (OUT/best.safetensors) as an eval-mode model for a task folder."""
-    backbone, meta, tensors = load_pretrained(path)
-    if not meta.get("finetune"):
+def load_finetuned(path, backbone: PTUnifier, meta: dict, tensors: dict) -> FinetuneModel:
+    """The model of a fine-tuned checkpoint (OUT/best.safetensors), given what load_pretrained read
+    from it: its backbone plus the task modules, the head's outputs named in its metadata."""
+    saved = meta.get("finetune")
+    if not saved:
         raise CheckpointError(f"{path} is not a fine-tuned checkpoint (no task head inside)")
-    task = TASKS[meta["finetune"]["task"]]
-    names = output_names(task, read_meta(folder))
-    model = FinetuneModel(backbone, task, len(names), meta["finetune"]["config"].get("missing") == "blank")
-    load_task_modules(model, path, meta, tensors, names)
-    return model.to(device).eval()
-
-
-@torch.no_grad()
-def predict_answers(path, folder, tokenizer: Tokenizer, device, n: int) -> list[str]:
-    """The fine-tuned VQA model's answers to the first n test questions of `folder`."""
-    model = load_finetuned(path, folder, tokenizer, device)
-    cfg = model.backbone.config
-    dataset = TaskDataset(folder, "test", tokenizer, cfg.image_size, cfg.max_text_len, train=False)
-    batch = dataset.collate([dataset[i] for i in range(min(n, len(dataset)))]).to(device)
-    names = output_names(model.task, read_meta(folder))
-    return [names[i] for i in model.outputs(batch).argmax(dim=1).tolist()]
+    model = FinetuneModel(backbone, TASKS[saved["task"]], len(saved["outputs"]),
+                          saved["config"].get("missing") == "blank")
+    load_task_modules(model, path, meta, tensors, saved["outputs"])
+    return model
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -392,19 +387,30 @@ def score_vqa(model, ctx, split) -> dict:
     return dataclasses.asdict(vqa_accuracy(preds, golds, kinds, vocabulary=ctx.names))
 
 
-def score_generation(model, ctx, split, final: bool) -> dict:
-    """Generate from the fused streams, then BLEU-1..4, ROUGE-L, CIDEr-D (+ METEOR when final)."""
-    tok, cfg = ctx.tokenizer, ctx.cfg
+def generate_texts(model: FinetuneModel, batch, tokenizer: Tokenizer, cfg: FinetuneConfig) -> list[str]:
+    """The decoder's text for each input of a batch (ts: its source text, itg: its image), searched
+    with the run's settings (beams, max_gen_len, length_penalty, no_repeat_ngram)."""
+    memory, mask = generation_memory(model.backbone(**model.fusion_inputs(batch)))
+    out = generate(model.decoder, memory, mask, tokenizer.bos_id, tokenizer.eos_id,
+                   max_len=cfg.max_gen_len or model.backbone.config.max_text_len, beams=cfg.beams,
+                   length_penalty=cfg.length_penalty, no_repeat_ngram=cfg.no_repeat_ngram)
+    return [tokenizer.decode(ids) for ids in out]
+
+
+def generations(model, ctx, split) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """({id: generated text}, {id: [reference]}) of every item of `split`, in order."""
     hyps, refs = {}, {}
     for batch in eval_batches(model, ctx, split):
         with ctx.rt.autocast():
-            memory, mask = generation_memory(model.backbone(**model.fusion_inputs(batch)))
-            out = generate(model.decoder, memory, mask, tok.bos_id, tok.eos_id,
-                           max_len=cfg.max_gen_len or model.backbone.config.max_text_len,
-                           beams=cfg.beams, length_penalty=cfg.length_penalty,
-                           no_repeat_ngram=cfg.no_repeat_ngram)
-        for rid, ids, ref in zip(batch.ids, out, batch.references):
-            hyps[rid], refs[rid] = tok.decode(ids), [ref]
+            texts = generate_texts(model, batch, ctx.tokenizer, ctx.cfg)
+        for rid, text, ref in zip(batch.ids, texts, batch.references):
+            hyps[rid], refs[rid] = text, [ref]
+    return hyps, refs
+
+
+def score_generation(model, ctx, split, final: bool) -> dict:
+    """Generate from the fused streams, then BLEU-1..4, ROUGE-L, CIDEr-D (+ METEOR when final)."""
+    hyps, refs = generations(model, ctx, split)
     scores = dataclasses.asdict(nlg_metrics(hyps, refs, with_meteor=final))
     scores["examples"] = [dict(id=i, generated=hyps[i], reference=refs[i][0]) for i in list(hyps)[:3]]
     if final:  # every text, written to OUT/test_generations.jsonl by finetune()

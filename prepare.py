@@ -57,7 +57,8 @@ import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from data import MIN_WORDS, clean_text, normalize_answer, write_manifest
+from data import MIN_WORDS, normalize_answer, write_manifest
+from tokenizer import clean_text
 
 
 class PrepareError(ValueError):

@@ -36,6 +36,7 @@ from PIL import Image, ImageDraw
 
 import data
 import metrics
+from tokenizer import Tokenizer
 
 SIDES = ("right", "left")                       # patient's side; right is on the image's left
 LEVELS = ("upper", "middle", "lower")
@@ -669,7 +670,7 @@ def generate(out, n_train=3000, n_val=300, n_test=1000, seed=0, image_size=128,
     train_texts = [t for it, s in zip(items, splits) if s == "train"
                    for t in (it["report"], it["impression"], *it["nli"][:2],
                              *(q for q, _, _ in it["vqa"]))]
-    tok = data.Tokenizer.train(train_texts, vocab_size, out / "tokenizer.json")
+    tok = Tokenizer.train(train_texts, vocab_size, out / "tokenizer.json")
     test = [it for it, s in zip(items, splits) if s == "test"]
     seen = {key: {it[key] for it, s in zip(items, splits) if s == "train"} for key in ("report", "findings")}
     summary = {

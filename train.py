@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 import synth
 from checkpoint import load_checkpoint, read_metadata, save_checkpoint
-from data import PretrainDataset, SkipTracker, Tokenizer, locate_tokenizer, make_train_stream
+from data import PretrainDataset, SkipTracker, make_train_stream
 from losses import LossWeights
 from model import PTUnifier
 from recipes import build_model, recipe, with_defaults
@@ -51,6 +51,7 @@ from runtime import (Runtime, SaveClock, StopSignal, adamw, barrier, check_resum
                      finish_step, lr_factor, print0, resume_point, seed_everything, seed_step, set_lr,
                      setup_runtime, snapshot_buffers)
 from step import PretrainStep, StepOutput
+from tokenizer import Tokenizer, locate_tokenizer
 from zeroshot import zero_shot_retrieval
 
 DEFAULT_DATA = "data/synth/pretrain"  # created on first use by the default run

@@ -47,13 +47,13 @@ def _eval_loader(model, folder, split, tokenizer, task: str, batch_size: int, nu
     return dataset, loader
 
 
-def _image_embeddings(model, pixel_values):
+def image_embeddings(model, pixel_values):
     """Image-only pass (textual prompts fill the text side) -> (emb [B, E], textual idx [B, k_t])."""
     out = model(pixel_values=pixel_values)
     return model.itc_image(out.joint), out.text_prompt_indices
 
 
-def _text_embeddings(model, input_ids, attention_mask):
+def text_embeddings(model, input_ids, attention_mask):
     """Text-only pass (visual prompts fill the image side) -> (emb [B, E], visual idx [B, k_v])."""
     out = model(input_ids=input_ids, attention_mask=attention_mask)
     return model.itc_text(out.joint), out.image_prompt_indices
@@ -72,8 +72,8 @@ def embed_retrieval(model, folder, split, tokenizer, device, batch_size, num_wor
     with _evaluating(model):
         for batch in loader:
             batch = batch.to(device)
-            image_emb, textual_idx = _image_embeddings(model, batch.pixel_values)
-            text_emb, visual_idx = _text_embeddings(model, batch.input_ids, batch.attention_mask)
+            image_emb, textual_idx = image_embeddings(model, batch.pixel_values)
+            text_emb, visual_idx = text_embeddings(model, batch.input_ids, batch.attention_mask)
             for store, value in zip(parts, (image_emb, text_emb, textual_idx, visual_idx)):
                 store.append(value.float().cpu() if value.is_floating_point() else value.cpu())
     return tuple(torch.cat(store) for store in parts)
@@ -124,12 +124,12 @@ def _check_sentences(sentences: dict, classes: list[str], where) -> None:
                              f"(positive sentence, negative sentence), got {pair!r}")
 
 
-def _sentence_embeddings(model, tokenizer, sentences: list[str], device, batch_size) -> torch.Tensor:
+def sentence_embeddings(model, tokenizer, sentences: list[str], device, batch_size) -> torch.Tensor:
     """Text-only ITC embeddings of a list of sentences -> [S, E] (call inside _evaluating)."""
     chunks = []
     for start in range(0, len(sentences), batch_size):
         ids, mask = tokenizer.encode(sentences[start:start + batch_size], model.config.max_text_len)
-        chunks.append(_text_embeddings(model, ids.to(device), mask.to(device))[0].float().cpu())
+        chunks.append(text_embeddings(model, ids.to(device), mask.to(device))[0].float().cpu())
     return torch.cat(chunks)
 
 
@@ -150,15 +150,22 @@ def zero_shot_class_scores(model, folder, split, tokenizer, device, batch_size=1
     texts = [sentences[c][0] for c in classes] + [sentences[c][1] for c in classes]
     images, labels = [], []
     with _evaluating(model):
-        label_emb = _sentence_embeddings(model, tokenizer, texts, device, batch_size)  # [2C, E]
+        label_emb = sentence_embeddings(model, tokenizer, texts, device, batch_size)  # [2C, E]
         for batch in loader:
-            images.append(_image_embeddings(model, batch.pixel_values.to(device))[0].float().cpu())
+            images.append(image_embeddings(model, batch.pixel_values.to(device))[0].float().cpu())
             labels.append(batch.labels)
         scale = float(model.logit_scale())
-    sim = torch.cat(images) @ label_emb.T                       # [N, 2C]
-    pos_neg = torch.stack(sim.split(len(classes), dim=1), -1)   # [N, C, 2]
-    scores = torch.softmax(scale * pos_neg.double(), dim=-1)[..., 0]
+    scores = present_probabilities(torch.cat(images), label_emb, scale)
     return scores.numpy(), torch.cat(labels).long().numpy(), classes
+
+
+def present_probabilities(image_emb: torch.Tensor, label_emb: torch.Tensor, scale: float) -> torch.Tensor:
+    """P(class present) of every image: image_emb [N, E] against label_emb [2C, E] (the C
+    positive sentences, then the C negative ones, all unit-norm) ->
+    softmax(scale * (v . p_c, v . n_c))[0] as float64 [N, C]."""
+    sim = image_emb @ label_emb.T                                    # [N, 2C]
+    pos_neg = torch.stack(sim.split(len(label_emb) // 2, dim=1), -1)  # [N, C, 2]
+    return torch.softmax(scale * pos_neg.double(), dim=-1)[..., 0]
 
 
 def zero_shot_classification(model, folder, split, tokenizer, device, batch_size=128, prompts=None,

@@ -11,7 +11,6 @@ import gc
 import os
 from datetime import timedelta
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -19,12 +18,12 @@ from torch._dynamo.utils import counters
 from torch.nn.parallel import DistributedDataParallel
 
 import bench
-import synth
 import train
-from data import PretrainDataset, Tokenizer, make_train_stream
+from data import PretrainDataset, make_train_stream
 from losses import LossWeights
 from step import PretrainStep
 from test_losses import free_port
+from tokenizer import Tokenizer
 
 # Losses and gradients of the compiled step against eager's: the compiled kernels sum in another
 # order, and three AdamW steps carry the differences forward.
@@ -78,27 +77,21 @@ def test_the_tiny_step_compiles_whole_and_gives_eager_numbers():
     assert expected[2][0]["total"] < expected[0][0]["total"]  # the steps did train
 
 
-@pytest.fixture(scope="module")
-def synth_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth")
-    synth.main(["--out", str(out), "--train", "64", "--val", "8", "--test", "8", "--image-size", "64"])
-    return out
-
-
-def test_a_compiled_run_makes_a_graph_per_text_shape_at_most(synth_dir, tmp_path, monkeypatch):
+def test_a_compiled_run_makes_a_graph_per_text_shape_at_most(request, tmp_path, monkeypatch):
     """A real run with --compile (3 ITC-only steps, then full steps over batches of several text
     lengths and MLM widths) makes at most one graph per (kind of step, text shape) it meets: the
     data loader's buckets bound the recompiles (TorchDynamo's automatic dynamic shapes may make fewer)."""
+    synthetic = request.getfixturevalue("bench")  # conftest's small benchmark (the name `bench` is the module here)
     fresh_dynamo()
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     steps, batch = 10, 8
-    cfg = train.TrainConfig(data=str(synth_dir / "pretrain"), out=str(tmp_path), steps=steps, batch_size=batch,
+    cfg = train.TrainConfig(data=str(synthetic / "pretrain"), out=str(tmp_path), steps=steps, batch_size=batch,
                             workers=0, compile=True, itc_warmup=0.3, log_every=5, save_every=1000,
                             text_unit="sentence")
     result = train.train(cfg)
     assert result["step"] == steps
-    tok = Tokenizer.load(synth_dir / "tokenizer.json")
-    ds = PretrainDataset(synth_dir / "pretrain", "train", tok, 64, 64, train=True, seed=0, text_unit="sentence")
+    tok = Tokenizer.load(synthetic / "tokenizer.json")
+    ds = PretrainDataset(synthetic / "pretrain", "train", tok, 64, 64, train=True, seed=0, text_unit="sentence")
     stream = iter(make_train_stream(ds, batch, seed=0, num_workers=0))
     shapes = [(i < 3, b.input_ids.shape[1], b.mlm_positions.shape[1]) for i, b in zip(range(steps), stream)]
     itc_only = {(L,) for warm, L, _ in shapes if warm}  # the ITC-only step does not read P

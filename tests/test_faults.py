@@ -34,6 +34,7 @@ import train
 from checkpoint import CheckpointError, read_checkpoint
 from hf import WeightLoadError, config_from_hf, load_hf_encoders
 from model import PTUnifier
+from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 4  # steps of every short run; the interrupted ones stop after step K
@@ -343,7 +344,7 @@ def test_resume_with_a_mismatched_config_names_the_fields(bench, stopped, tmp_pa
                       lambda m: m["train_config"].update(preset="base"))
     if case == "vocabulary" or every:
         corpus = [t for r in data.read_manifest(bench / "pretrain")[0] for t in r["texts"]]
-        data.Tokenizer.train(corpus, 300, tmp_path / "small" / "tokenizer.json")
+        Tokenizer.train(corpus, 300, tmp_path / "small" / "tokenizer.json")
         extra += ["--tokenizer", str(tmp_path / "small" / "tokenizer.json")]
     with pytest.raises(CheckpointError) as err:
         train.main(args(bench, run, "--resume") + extra)
@@ -504,7 +505,7 @@ def test_odd_texts_train_without_empty_targets(bench, tmp_path):
     for rec, text in zip(recs, ODD_TEXTS.values()):
         rec["texts"] = [text]
     folder = _pretrain_copy(bench, tmp_path / "task", recs)
-    tok = data.Tokenizer.load(bench / "tokenizer.json")
+    tok = Tokenizer.load(bench / "tokenizer.json")
     ds = data.PretrainDataset(folder, "train", tok, 64, 40, train=True, seed=0)
     batch = ds.collate([ds[(i, i)] for i in range(len(ODD_TEXTS))])
     real = batch.attention_mask.sum(1)                          # [B] tokens incl. <s> </s>

@@ -19,11 +19,12 @@ import finetune as ft
 import runtime
 import synth
 from checkpoint import CheckpointError, read_checkpoint, save_checkpoint
-from data import TaskDataset, Tokenizer, make_loader, read_manifest, stratified_subset, write_manifest
+from data import TaskDataset, make_loader, read_manifest, stratified_subset, write_manifest
 from losses import itc_loss
 from model import PTUnifier
 from recipes import RECIPES
 from test_train import assert_same_checkpoints
+from tokenizer import Tokenizer
 from train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]

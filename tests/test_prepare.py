@@ -14,6 +14,7 @@ import data
 import prepare
 from data import read_manifest
 from prepare import PrepareError
+from tokenizer import clean_text
 
 
 # ----------------------------------------------------------------------------- fixture helpers
@@ -64,8 +65,8 @@ def assert_images_exist(records, meta):
 # ----------------------------------------------------------------------------- shared helpers
 
 def test_clean_text_and_answer_normalisation():
-    assert data.clean_text("  a\t b\n\nc  ") == "a b c"
-    assert data.clean_text(None) == ""
+    assert clean_text("  a\t b\n\nc  ") == "a b c"
+    assert clean_text(None) == ""
     assert data.normalize_answer("  Left  Lung. ") == "left lung"
     assert data.normalize_answer("Yes") == "yes"
     assert data.normalize_answer(2) == "2"

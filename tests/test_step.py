@@ -10,12 +10,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import bench
 import train
-from data import mlm_positions, round_up
+from data import mlm_positions
 from losses import LossWeights
 from model import PTUnifier
 from recipes import RECIPES
 from runtime import Runtime
 from step import PretrainStep, fused_text_at, gather_positions
+from tokenizer import round_up
 
 aten = torch.ops.aten
 

@@ -36,9 +36,13 @@ def test_the_layers_hold():
     """Metrics know nothing of models; the synthetic data knows no evaluation code; model.py
     knows nothing of loading, generation, recipes or training."""
     assert imports_of(MODULES["metrics"]) <= {"data"}
-    assert imports_of(MODULES["synth"]) <= {"data", "metrics"}
+    assert imports_of(MODULES["synth"]) <= {"tokenizer", "data", "metrics"}
     assert imports_of(MODULES["model"]) <= {"prompts", "losses"}
     assert imports_of(MODULES["runtime"]) == set()
+    assert imports_of(MODULES["tokenizer"]) == set()  # text cleaning and tokens, below the data layer
+    # Using a trained model (predict.py) stands on the evaluation code, below the benchmark.
+    assert {"zeroshot", "finetune", "checkpoint", "data"} <= imports_of(MODULES["predict"])
+    assert not imports_of(MODULES["predict"]) & {"train", "evaluate", "prepare", "bench"}
 
 
 def test_no_source_file_over_900_lines():

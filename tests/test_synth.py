@@ -10,6 +10,7 @@ import pytest
 import data
 import synth
 from metrics import normalize_text
+from tokenizer import Tokenizer
 
 TASKS = ("pretrain", "ic", "tc", "ts", "retrieval", "itg", "vqa")
 
@@ -54,7 +55,7 @@ def test_task_folders_valid_and_splits_disjoint(two_runs):
     _, vqa_meta = data.read_manifest(out / "vqa")
     train_val = {r["answer"] for r in data.read_manifest(out / "vqa")[0] if r["split"] != "test"}
     assert set(vqa_meta["answers"]) == train_val
-    tok = data.Tokenizer.load(out / "tokenizer.json")
+    tok = Tokenizer.load(out / "tokenizer.json")
     assert tok.kind == "bpe" and tok.mask_id == 4
 
 

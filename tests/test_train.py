@@ -15,11 +15,12 @@ import torch
 import synth
 import train
 from checkpoint import read_checkpoint
-from data import PretrainDataset, Tokenizer, make_train_stream
+from data import PretrainDataset, make_train_stream
 from losses import LossWeights
 from model import Config, PTUnifier
 from recipes import RECIPES
 from runtime import setup_runtime
+from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

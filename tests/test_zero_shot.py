@@ -14,7 +14,8 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 import synth
-from data import Tokenizer, UnreadableImage, image_to_tensor, load_image, read_manifest, write_manifest
+from data import UnreadableImage, image_to_tensor, load_image, read_manifest, write_manifest
+from tokenizer import Tokenizer
 from zeroshot import (default_label_sentences, embed_retrieval, zero_shot_class_scores,
                       zero_shot_classification, zero_shot_retrieval)
 from model import PTUnifier

@@ -22,9 +22,10 @@ import prompts
 import synth
 import train
 from checkpoint import load_pretrained
-from data import PretrainDataset, TaskDataset, Tokenizer, make_loader, make_train_stream
+from data import PretrainDataset, TaskDataset, make_loader, make_train_stream
 from recipes import build_model
 from runtime import seed_everything
+from tokenizer import Tokenizer
 
 PICTURE = "selection.png"
 STEPS = 120

@@ -13,11 +13,12 @@ import torch
 
 import common
 import synth
-from data import PretrainDataset, Tokenizer, make_train_stream
+from data import PretrainDataset, make_train_stream
 from losses import LossWeights
 from recipes import RECIPES, build_model
 from runtime import seed_everything
 from step import PretrainStep
+from tokenizer import Tokenizer
 
 PICTURE = "similarity.png"
 PAIRS, ITC_ONLY, FULL = 16, 40, 60

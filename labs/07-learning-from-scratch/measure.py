@@ -16,11 +16,12 @@ import torch
 
 import common
 import synth
-from data import PretrainDataset, Tokenizer, make_train_stream
+from data import PretrainDataset, make_train_stream
 from losses import LossWeights
 from recipes import RECIPES, build_model
 from runtime import seed_everything
 from step import PretrainStep
+from tokenizer import Tokenizer
 
 PICTURE = "collapse.png"
 STEPS, EVERY, BATCH = 150, 10, 64
