@@ -281,6 +281,8 @@ def accumulate_gradients(run: Run, itc_only: bool) -> tuple[dict[str, torch.Tens
             run.bad_images.update(batch)
         batch = batch.to(rt.device, non_blocking=True)
         defer_sync = rt.world > 1 and i < run.accum - 1
+        if run.cfg.compile and run.cfg.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are consumed: reuse them
         with run.runner.no_sync() if defer_sync else nullcontext(), rt.autocast():
             out = run.runner(batch, itc_only)
         run.scaler.scale(out.total / run.accum).backward()
