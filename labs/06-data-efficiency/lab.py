@@ -44,16 +44,16 @@ lab = lab_notebook.Lab(6)
 # 1. Draw the two curves (AUROC against labels, log scale) before you run. Where is the gap widest?
 
 # %% [markdown] tags=["answer"]
-# **Answer.** The pre-trained curve starts high and rises gently (80.9 -> 86.4 -> 89.8); the one
-# from scratch starts near chance and rises steeply (51.5 -> 59.3 -> 75.8). The gap is
-# widest with few labels (29 points at 1%, 14 at 100%).
+# **Answer.** The pre-trained curve starts high and rises gently (81.6 -> 86.9 -> 90.0); the one
+# from scratch starts near chance and rises steeply (52.3 -> 59.4 -> 75.3). The gap is
+# widest with few labels (29 points at 1%, 15 at 100%).
 
 # %% [markdown]
 # 2. Can the model from scratch with 100% of the labels beat the pre-trained one with 10%?
 
 # %% [markdown] tags=["answer"]
-# **Answer.** No: from scratch with every label reaches 75.8, below the pre-trained model with 10%
-# (86.4), and even with 1% (80.9).
+# **Answer.** No: from scratch with every label reaches 75.3, below the pre-trained model with 10%
+# (86.9), and even with 1% (81.6).
 
 # %% [markdown]
 # ## Measure
@@ -62,19 +62,19 @@ lab = lab_notebook.Lab(6)
 #
 # six fine-tunes per seed; picture `runs/labs/06-data-efficiency/seed0/data_efficiency.png`.
 #
-# Measured 2026-11-30 with torch 2.13.0+cpu, 1 thread(s), seeds 0, 1, 2; about 2.8 min per seed. `python labs/check.py 6` passes when every number lies in its band (mean +- max(3 std, floor)).
+# Measured 2026-12-05 with torch 2.13.0+cpu, 1 thread(s), seeds 0, 1, 2; about 1.8 min per seed. `python labs/check.py 6` passes when every number lies in its band (mean +- max(3 std, floor)).
 #
 # | number | mean | std | band |
 # |---|---|---|---|
-# | `pretrained_1pct` | 0.8089 | 0.009924 | [0.7789, 0.8389] |
-# | `pretrained_10pct` | 0.8642 | 0.009268 | [0.8342, 0.8942] |
-# | `pretrained_100pct` | 0.8979 | 0.02868 | [0.8118, 0.9839] |
-# | `scratch_1pct` | 0.5148 | 0.02182 | [0.4493, 0.5802] |
-# | `scratch_10pct` | 0.5925 | 0.01978 | [0.5332, 0.6519] |
-# | `scratch_100pct` | 0.7584 | 0.02363 | [0.6875, 0.8293] |
+# | `pretrained_1pct` | 0.8157 | 0.02127 | [0.7519, 0.8795] |
+# | `pretrained_10pct` | 0.8687 | 0.00604 | [0.8387, 0.8987] |
+# | `pretrained_100pct` | 0.8996 | 0.02721 | [0.818, 0.9812] |
+# | `scratch_1pct` | 0.523 | 0.01515 | [0.4775, 0.5684] |
+# | `scratch_10pct` | 0.5937 | 0.0353 | [0.4878, 0.6996] |
+# | `scratch_100pct` | 0.7533 | 0.01657 | [0.7036, 0.803] |
 
 # %% tags=["measure"]
-values = lab.measure(seed=0)  # measure.py (about 2.8 min on 2 cores): its table prints below
+values = lab.measure(seed=0)  # measure.py (about 1.8 min on 2 cores): its table prints below
 
 # %% tags=["measure"]
 lab.compare(values)  # each number beside its band, from expected.json
@@ -85,11 +85,11 @@ lab.picture()
 # %% [markdown]
 # ## What to look for
 #
-# - Our three seeds: pre-trained 80.9 / 86.4 / 89.8 macro AUROC with 1% / 10% / 100% of the labels,
-#   from scratch 51.5 / 59.3 / 75.8. The gap is 29, 27 and 14 points, far beyond the seed spread
-#   (at most 2.9): **the paper's observation holds here**, largest with few labels.
+# - Our three seeds: pre-trained 81.6 / 86.9 / 90.0 macro AUROC with 1% / 10% / 100% of the labels,
+#   from scratch 52.3 / 59.4 / 75.3. The gap is 29, 28 and 15 points, far beyond the seed spread
+#   (at most 3.5): **the paper's observation holds here**, largest with few labels.
 # - With 30 labelled images the model from scratch is barely above chance (50), while the
-#   pre-trained one is within 9 points of its own 100% result: pre-training on unlabelled pairs did
+#   pre-trained one is within 8 points of its own 100% result: pre-training on unlabelled pairs did
 #   most of the work. The stratified subset still holds examples of every finding.
-# - Not even 100% of the labels bring the model from scratch to the pre-trained model's 1% (75.8
-#   against 80.9).
+# - Not even 100% of the labels bring the model from scratch to the pre-trained model's 1% (75.3
+#   against 81.6).
