@@ -13,14 +13,6 @@ from data import read_manifest
 from metrics import normalize_text
 
 
-@pytest.fixture(scope="module")
-def bench_root(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench")
-    synth.main(["--out", str(out), "--train", "40", "--val", "8", "--test", "12", "--image-size", "64",
-                "--workers", "1"])
-    return out
-
-
 def coco_bleu_rouge(constant: str, references: list[str]) -> tuple[float, float]:
     """pycocoevalcap's corpus BLEU-4 and ROUGE-L of answering `constant` to every reference, on the
     normalised tokens that the benchmark scores (its PTBTokenizer needs CoreNLP)."""
@@ -32,42 +24,42 @@ def coco_bleu_rouge(constant: str, references: list[str]) -> tuple[float, float]
     return Bleu(4).compute_score(gts, res, verbose=0)[0][3], Rouge().compute_score(gts, res)[0]
 
 
-def test_trivial_baselines_by_hand(bench_root):
-    base = evaluate.trivial_baselines(bench_root)
-    tc_train, _ = read_manifest(bench_root / "tc", "train")
-    tc_test, _ = read_manifest(bench_root / "tc", "test")
+def test_trivial_baselines_by_hand(bench):
+    base = evaluate.trivial_baselines(bench)
+    tc_train, _ = read_manifest(bench / "tc", "train")
+    tc_test, _ = read_manifest(bench / "tc", "test")
     majority = Counter(r["label"] for r in tc_train).most_common(1)[0][0]
     assert base["tc"]["accuracy"] == sum(r["label"] == majority for r in tc_test) / len(tc_test)
-    vqa_train, _ = read_manifest(bench_root / "vqa", "train")
-    vqa_test, _ = read_manifest(bench_root / "vqa", "test")
+    vqa_train, _ = read_manifest(bench / "vqa", "train")
+    vqa_test, _ = read_manifest(bench / "vqa", "test")
     answer = Counter(r["answer"] for r in vqa_train).most_common(1)[0][0]
     assert base["vqa"]["overall"] == pytest.approx(sum(r["answer"] == answer for r in vqa_test) / len(vqa_test))
-    assert base["retrieval"] == {"i2t_r1": 1 / 12, "t2i_r1": 1 / 12}
+    assert base["retrieval"] == {"i2t_r1": 1 / 16, "t2i_r1": 1 / 16}
     assert base["ic"] == {"macro_auroc": 0.5}
     for task, field in (("ts", "target"), ("itg", "report")):  # the most frequent train text, for all
-        constant = Counter(r[field] for r in read_manifest(bench_root / task, "train")[0]).most_common(1)[0][0]
-        test = read_manifest(bench_root / task, "test")[0]
+        constant = Counter(r[field] for r in read_manifest(bench / task, "train")[0]).most_common(1)[0][0]
+        test = read_manifest(bench / task, "test")[0]
         bleu, rouge = coco_bleu_rouge(constant, [r[field] for r in test])
         assert base[task]["rouge_l"] == pytest.approx(rouge, abs=1e-9)
         assert base[task]["bleu_4"] == pytest.approx(bleu, abs=1e-9)
     assert base["itg"]["rouge_l"] > 0 and base["itg"]["bleu_4"] > 0  # values with something to compare
-    itg_train, _ = read_manifest(bench_root / "itg", "train")
+    itg_train, _ = read_manifest(bench / "itg", "train")
     constant = Counter(r["report"] for r in itg_train).most_common(1)[0][0]
     stated = synth.label_report(constant)
-    truth = [r["labels"] for r in read_manifest(bench_root / "ic", "test")[0]]
+    truth = [r["labels"] for r in read_manifest(bench / "ic", "test")[0]]
     tp = sum(s and t for row in truth for s, t in zip(stated, row))
     wrong = sum(s != t for row in truth for s, t in zip(stated, row))  # fp + fn
     assert base["itg"]["ce_f1"] == pytest.approx(2 * tp / (2 * tp + wrong) if tp + wrong else 0.0)
 
 
-def test_benchmark_refuses_another_synth_version(bench_root, tmp_path):
+def test_benchmark_refuses_another_synth_version(bench, tmp_path):
     old = tmp_path / "old"
     old.mkdir()
-    summary = json.loads((bench_root / "summary.json").read_text())
+    summary = json.loads((bench / "summary.json").read_text())
     (old / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "version"}))
     with pytest.raises(SystemExit, match="version 1, this synth.py writes version 2.*python synth.py --out"):
         evaluate.run_benchmark("unused.safetensors", old, tmp_path / "out", "cpu")
-    synth.check_version(bench_root)  # the current version passes
+    synth.check_version(bench)  # the current version passes
 
 
 def test_table_follows_table_2_layout():
@@ -81,11 +73,11 @@ def test_table_follows_table_2_layout():
     assert lines[3].count("-") == 9
 
 
-def test_benchmark_driver_end_to_end(bench_root, tmp_path, monkeypatch):
+def test_benchmark_driver_end_to_end(bench, tmp_path, monkeypatch):
     """Pre-train a few steps, then the driver fine-tunes every task (one short epoch each) and
     writes the table, its JSON and the example sheet."""
     run = tmp_path / "pre"
-    train.main(["--data", str(bench_root / "pretrain"), "--out", str(run), "--steps", "2", "--batch-size", "8",
+    train.main(["--data", str(bench / "pretrain"), "--out", str(run), "--steps", "2", "--batch-size", "8",
                 "--workers", "0"])
     import finetune
     real = finetune.FinetuneConfig
@@ -93,7 +85,7 @@ def test_benchmark_driver_end_to_end(bench_root, tmp_path, monkeypatch):
     def short(**kw):
         return real(**kw, epochs=1, max_steps_per_epoch=2, batch_size=8, workers=0, eval_batch=16)
     monkeypatch.setattr(finetune, "FinetuneConfig", short)
-    rows = evaluate.run_benchmark(run / "checkpoint.safetensors", bench_root, tmp_path / "bench", "cpu")
+    rows = evaluate.run_benchmark(run / "checkpoint.safetensors", bench, tmp_path / "bench", "cpu")
     assert set(rows) == {"trivial baseline", "pixel logistic regression", "PTUnifier zero-shot",
                          "PTUnifier fine-tuned"}
     assert set(rows["PTUnifier fine-tuned"]) == {"ic", "tc", "ts", "retrieval", "itg", "vqa"}
@@ -102,18 +94,18 @@ def test_benchmark_driver_end_to_end(bench_root, tmp_path, monkeypatch):
     assert (tmp_path / "bench" / "table.md").read_text().count("\n") == 6
     assert 0 <= rows["pixel logistic regression"]["ic"]["macro_auroc"] <= 1
     generated = (tmp_path / "bench" / "itg" / "test_generations.jsonl").read_text().splitlines()
-    assert len(generated) == 12 and 0 <= rows["PTUnifier fine-tuned"]["itg"]["ce_f1"] <= 1
+    assert len(generated) == 16 and 0 <= rows["PTUnifier fine-tuned"]["itg"]["ce_f1"] <= 1
     assert (tmp_path / "bench" / "examples.png").stat().st_size > 1000
 
     # Run again: every task folder holds a finished run of the same configuration and is kept;
     # a task whose configuration changed (tc: 2 steps per epoch -> 1) is fine-tuned again.
     ran, original = [], finetune.finetune
     monkeypatch.setattr(finetune, "finetune", lambda cfg: ran.append(cfg.task) or original(cfg))
-    assert evaluate.run_benchmark(run / "checkpoint.safetensors", bench_root, tmp_path / "bench", "cpu") == rows
+    assert evaluate.run_benchmark(run / "checkpoint.safetensors", bench, tmp_path / "bench", "cpu") == rows
     assert ran == []
     monkeypatch.setattr(finetune, "FinetuneConfig", lambda **kw: short(**kw) if kw["task"] != "tc" else
                         real(**kw, epochs=1, max_steps_per_epoch=1, batch_size=8, workers=0, eval_batch=16))
-    again = evaluate.run_benchmark(run / "checkpoint.safetensors", bench_root, tmp_path / "bench", "cpu")
+    again = evaluate.run_benchmark(run / "checkpoint.safetensors", bench, tmp_path / "bench", "cpu")
     assert ran == ["tc"] and again["PTUnifier fine-tuned"]["vqa"] == rows["PTUnifier fine-tuned"]["vqa"]
 
 
