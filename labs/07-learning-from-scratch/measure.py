@@ -29,6 +29,9 @@ DATA = common.ROOT / "data" / "synth"
 FLOORS = {f"{name}_{variant}": floor for variant in ("norm", "plain")
           for name, floor in (("itc_final", 0.15), ("ratio_init", 0.02), ("ratio_final", 0.05),
                               ("cosine_final", 0.1))}
+# After 150 steps the images' cosine moves with the float rounding: seed 0 gave 0.15 with 1 thread
+# and 0.30 with 2 (2026-12-05); the lesson is its distance from the plain run's 0.9998.
+FLOORS["cosine_final_norm"] = 0.25
 
 
 def probe(model, batch) -> tuple[float, float]:
