@@ -5,7 +5,8 @@
 - `Tokenizer`: loads tokenizer.json, vocab.json + merges.txt (RoBERTa) or vocab.txt (BERT),
   trains a small BPE for the synthetic benchmark (synth.py), encodes with specials, truncation
   and padding to a few bucket lengths (a compiled step meets few shapes), decodes.
-- `locate_tokenizer`: which tokenizer a run reads.
+- `locate_tokenizer`: which tokenizer a run reads; `round_up`: the bucket lengths (data.py's MLM
+  positions use them too).
 """
 import re
 import unicodedata
@@ -27,7 +28,6 @@ def clean_text(text: str | None) -> str:
 def round_up(n: int, multiple: int, cap: int) -> int:
     """n rounded up to a multiple of `multiple`, at most `cap` (and never below n)."""
     return max(n, min(cap, -(-n // multiple) * multiple))
-
 
 
 def locate_tokenizer(data, explicit: str = "", text_encoder: str = "") -> Path:
