@@ -155,6 +155,25 @@ def test_a_retrieval_checkpoint_searches_its_own_itc_space(bench, finetuned):
                                                         abs=1e-6)
 
 
+def test_images_as_queries_rank_the_texts_on_the_command_line(bench, tmp_path):
+    root, _, _ = bench
+    paths, records = paths_of(root, "retrieval")
+    texts = [r["text"] for r in records]
+    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
+    args = ["search", "--checkpoint", str(root / "pre.safetensors"), "--device", "cpu", "--batch-size", str(BATCH)]
+    predict.main([*args, "--image-query", *map(str, paths[:2]), "--texts-file", str(tmp_path / "texts.txt"),
+                  "--top", "3", "--jsonl", str(tmp_path / "back.jsonl")])
+    rows = [json.loads(line) for line in (tmp_path / "back.jsonl").read_text().splitlines()]
+    expected = load(root / "pre.safetensors").search_texts(paths[:2], texts, top=3)
+    assert [r["path"] for r in rows] == [str(x) for x in paths[:2]]
+    assert [[(h["line"], h["text"]) for h in r["hits"]] for r in rows] == \
+        [[(h["line"], h["text"]) for h in r["hits"]] for r in expected]
+    assert [h["score"] for r in rows for h in r["hits"]] == \
+        pytest.approx([h["score"] for r in expected for h in r["hits"]], abs=1e-6)
+    with pytest.raises(SystemExit, match="--image-query ranks the lines of --texts-file"):
+        predict.main([*args, "--image-query", str(paths[0])])
+
+
 def test_embed_command_writes_the_embeddings(bench, tmp_path, capsys):
     root, _, _ = bench
     paths, records = paths_of(root, "retrieval")
