@@ -458,13 +458,18 @@ class Batch:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The fields that hold a tensor, by name."""
+        return {f.name: value for f in dataclasses.fields(self) if torch.is_tensor(value := getattr(self, f.name))}
+
     def to(self, device, non_blocking: bool = True) -> "Batch":
         """A copy with every tensor moved to `device`."""
-        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for name, value in moved.items():
-            if torch.is_tensor(value):
-                moved[name] = value.to(device, non_blocking=non_blocking)
-        return Batch(**moved)
+        return dataclasses.replace(self, **{k: v.to(device, non_blocking=non_blocking) for k, v in self.tensors().items()})
+
+    def pin_memory(self) -> "Batch":
+        """A copy with every tensor in page-locked memory, from which a non_blocking copy to the GPU
+        leaves the host free (a DataLoader with pin_memory=True calls this)."""
+        return dataclasses.replace(self, **{k: v.pin_memory() for k, v in self.tensors().items()})
 
 
 @dataclasses.dataclass
@@ -732,6 +737,34 @@ def make_train_stream(dataset, batch_size: int, seed: int, epoch: int = 0, start
         pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(seed))  # keeps the global RNG (dropout) untouched
+
+
+class DeviceCopy:
+    """Batches sent to the device one ahead of their use: on CUDA each is copied from pinned memory
+    on a side stream, so that the next batch travels while the current step runs; elsewhere a
+    plain move. `start(batch)` sends it, `ready(ticket)` hands it to the current stream."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def start(self, batch: Batch) -> tuple[Batch, object]:
+        if self.stream is None:
+            return batch.to(self.device), None
+        with torch.cuda.stream(self.stream):
+            moved = batch.to(self.device, non_blocking=True)
+            arrived = torch.cuda.Event()
+            arrived.record(self.stream)
+        return moved, arrived
+
+    def ready(self, ticket: tuple[Batch, object]) -> Batch:
+        moved, arrived = ticket
+        if arrived is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(arrived)  # this batch's copy only, not the next one's
+            for tensor in moved.tensors().values():
+                tensor.record_stream(current)  # its memory is not reused before the step is done with it
+        return moved
 
 
 def make_loader(dataset, batch_size: int, train: bool, seed: int,

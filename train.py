@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 import synth
 from checkpoint import load_checkpoint, read_metadata, save_checkpoint
-from data import PretrainDataset, SkipTracker, make_train_stream
+from data import DeviceCopy, PretrainDataset, SkipTracker, make_train_stream
 from losses import LossWeights
 from model import PTUnifier
 from recipes import build_model, recipe, with_defaults
@@ -217,8 +217,9 @@ def start_run(cfg: TrainConfig, rt: Runtime) -> Run:
     print0(rt, f"model {cfg.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
                f"{len(dataset)} training pairs; global batch {cfg.batch_size} = {rt.world} x {micro} "
                f"x {accum} accumulation; {cfg.steps} steps on {rt.device}")
-    return Run(cfg, rt, tokenizer, model, runner, optimizer, scaler, micro_batches(dataset, micro, cfg, state), accum,
-               chance, state, PromptUsage(mcfg.pool_size, rt.device),
+    return Run(cfg, rt, tokenizer, model, runner, optimizer, scaler,
+               micro_batches(dataset, micro, cfg, state, rt.device), accum, chance, state,
+               PromptUsage(mcfg.pool_size, rt.device),
                SkipTracker(len(dataset) // rt.world, cfg.max_bad_images, "train"),  # this rank's shard
                SaveClock(cfg.save_every_minutes))
 
@@ -279,7 +280,6 @@ def accumulate_gradients(run: Run, itc_only: bool) -> tuple[dict[str, torch.Tens
         while len(batch) == 0:  # every image of this micro-batch was unreadable: take the next
             batch = next(run.batches)
             run.bad_images.update(batch)
-        batch = batch.to(rt.device, non_blocking=True)
         defer_sync = rt.world > 1 and i < run.accum - 1
         if run.cfg.compile and run.cfg.compile_mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are consumed: reuse them
@@ -312,18 +312,23 @@ def step_mean(acc: dict | None, out: StepOutput, accum: int) -> dict[str, torch.
     return d if acc is None else {k: v + acc[k] for k, v in d.items()}
 
 
-def micro_batches(dataset, micro: int, cfg: TrainConfig, state: dict):
-    """Endless stream of micro-batches from the saved data position; it keeps state["epoch"] and
-    state["batch_in_epoch"] current, which is all a checkpoint needs to replay the stream exactly
-    (data.SeededBatches)."""
+def micro_batches(dataset, micro: int, cfg: TrainConfig, state: dict, device: torch.device):
+    """Endless stream of micro-batches on `device` from the saved data position. It keeps
+    state["epoch"] and state["batch_in_epoch"] current, counting the batches it has handed out
+    (all a checkpoint needs to replay the stream exactly, data.SeededBatches), and sends each batch
+    to the device while the one before it is in use (data.DeviceCopy)."""
     loader = make_train_stream(dataset, micro, cfg.seed, state["epoch"], state["batch_in_epoch"],
                                cfg.workers)
     per_epoch = loader.batch_sampler.batches_per_epoch
+    copy, pending = DeviceCopy(device), None
     for batch in loader:
-        state["batch_in_epoch"] += 1
-        if state["batch_in_epoch"] == per_epoch:
-            state["epoch"], state["batch_in_epoch"] = state["epoch"] + 1, 0
-        yield batch
+        sent = copy.start(batch)  # travels while the step of the pending batch runs
+        if pending is not None:
+            state["batch_in_epoch"] += 1
+            if state["batch_in_epoch"] == per_epoch:
+                state["epoch"], state["batch_in_epoch"] = state["epoch"] + 1, 0
+            yield copy.ready(pending)
+        pending = sent
 
 
 class PromptUsage:

@@ -416,3 +416,22 @@ def test_stratified_subset_by_hand():
         assert [sum(keys[i] == k for i in half) for k in "abc"] == [5, 3, 2]
     with pytest.raises(ValueError, match="fraction"):
         data.stratified_subset(keys, 0.0, seed=0)
+
+
+def test_a_pinning_loader_pins_every_tensor_of_a_batch(monkeypatch):
+    """A DataLoader with pin_memory=True pins a Batch through Batch.pin_memory (a dataclass without
+    it passes through unpinned, and its copies to the GPU then make the host wait)."""
+    from torch.utils.data._utils.pin_memory import pin_memory  # what the DataLoader's pinning thread calls
+    pinned = []
+
+    def fake_pin(tensor):  # a CPU build cannot pin: record the call, return a copy
+        pinned.append(tensor)
+        return tensor.clone()
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    batch = data.Batch(ids=["a", "b"], pixel_values=torch.rand(2, 3, 4, 4), input_ids=torch.ones(2, 5).long(),
+                       skipped=["c.png"])
+    out = pin_memory(batch)
+    assert isinstance(out, data.Batch) and out.ids == ["a", "b"] and out.skipped == ["c.png"]
+    assert [id(t) for t in pinned] == [id(batch.pixel_values), id(batch.input_ids)]
+    assert out.pixel_values is not batch.pixel_values and torch.equal(out.pixel_values, batch.pixel_values)
+    assert out.attention_mask is None and torch.equal(out.input_ids, batch.input_ids)

@@ -224,6 +224,24 @@ def test_resume_is_exact(synth_dir, tmp_path, monkeypatch, two_threads):
     assert 0 < state["itc_only_until"] < n and state["itc_average"] != math.log(8)
 
 
+def test_the_stream_counts_only_the_batches_it_hands_out(synth_dir):
+    """micro_batches sends each batch to the device one ahead of its use (data.DeviceCopy), yet
+    the data position it keeps counts only the batches handed out: a stream restarted from that
+    position goes on with the next batch, across an epoch's end too (8 batches per epoch here)."""
+    tok = Tokenizer.load(synth_dir / "tokenizer.json")
+    ds = PretrainDataset(synth_dir / "pretrain", "train", tok, 64, 64, train=True, seed=0, text_unit="sentence")
+    cfg, cpu = train.TrainConfig(seed=3, workers=0), torch.device("cpu")
+    straight = train.micro_batches(ds, 8, cfg, dict(epoch=0, batch_in_epoch=0), cpu)
+    expected = [next(straight).ids for _ in range(12)]
+    assert expected == [b.ids for b, _ in zip(make_train_stream(ds, 8, seed=3, num_workers=0), range(12))]
+    state = dict(epoch=0, batch_in_epoch=0)
+    first = train.micro_batches(ds, 8, cfg, state, cpu)
+    seen = [next(first).ids for _ in range(10)]
+    assert state == dict(epoch=1, batch_in_epoch=2)
+    again = train.micro_batches(ds, 8, cfg, dict(state), cpu)
+    assert seen + [next(again).ids for _ in range(2)] == expected
+
+
 def test_sigterm_saves_a_loadable_checkpoint(synth_dir, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"),
