@@ -450,7 +450,7 @@ def bench_step(args) -> dict:
                 continue
             modules[name] = module
             if args.check_losses:
-                result["max_loss_diff"][key] = loss_diff(s, eager, module)
+                result["max_loss_diff"][key] = max_loss_diff(losses_of(s, eager), losses_of(s, module))
         times = interleaved({n: step_fn(s, m) for n, m in modules.items()}, args.repeats, args.warmup, s.device)
         for name, module in modules.items():
             key = f"{name} B={batch}"
@@ -465,9 +465,8 @@ def one_line(err: Exception) -> str:
     return f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
 
 
-def loss_diff(s: Setup, eager, compiled) -> float:
-    """The largest difference between the losses of two modules on the setup's batch (eval mode)."""
-    a, b = losses_of(s, eager), losses_of(s, compiled)
+def max_loss_diff(a: dict[str, float], b: dict[str, float]) -> float:
+    """The largest difference between two modules' losses (losses_of)."""
     return max(abs(a[k] - b[k]) for k in a)
 
 
@@ -478,13 +477,12 @@ def bench_reuse(args) -> dict:
     peak, peak_source = resolve_peak(args.peak_flops, s.device, s.amp_dtype or torch.float32)
     steps = {name: PretrainStep(s.model, LossWeights(), reuse=name == "fast") for name in ("fast", "plain")}
     losses = {name: losses_of(s, m) for name, m in steps.items()}
-    max_diff = max(abs(losses["fast"][k] - losses["plain"][k]) for k in losses["fast"])
     times = interleaved({n: step_fn(s, m) for n, m in steps.items()}, args.repeats, args.warmup, s.device)
     rows = [variant_row(s, name, times[name], setup_flops(s, name == "fast"), peak, steps[name])
             for name in ("fast", "plain")]
     ratio = statistics.median(p / f for p, f in zip(times["plain"], times["fast"]))
     flop_ratio = rows[1]["tflop_per_step"] / rows[0]["tflop_per_step"]
-    return {"rows": rows, "losses": losses, "max_loss_diff": max_diff,
+    return {"rows": rows, "losses": losses, "max_loss_diff": max_loss_diff(losses["fast"], losses["plain"]),
             "speed_ratio_plain_over_fast": ratio, "flop_ratio_plain_over_fast": flop_ratio,
             "peak_flops": peak, "peak_source": peak_source, "times_s": times, "process_peak_rss_gb": rss_gb()}
 

@@ -5,8 +5,8 @@ Implements the data side of PTUnifier (ICCV 2023):
   (synthetic benchmark); every line is validated and errors name file:line and field.
 - images: any PIL mode -> RGB, shorter-side resize + centre crop (eval) or a mild random
   resized crop (train), CLIP mean/std (paper 5.3: 288 px pre-training, 384 px fine-tuning).
-- text: cleaned and tokenised by tokenizer.py; pre-training reads
-  one random sentence per access (paper 5.3 / official code), downstream tasks the whole text.
+- text: cleaned and tokenised by tokenizer.py; pre-training reads one random sentence per access
+  (paper 5.3 / official code), downstream tasks the whole text.
 - objectives' inputs: MLM masking, 15% of real tokens, 80/10/10 (paper 3.3, Eq. 5-6) and ITM
   negatives, exactly half of a batch paired with another image of the batch (Eq. 7-8).
 - datasets, collate functions and a DataLoader factory that is DDP-aware and seeded.

@@ -11,7 +11,8 @@ does not run (the ablations of the paper's Table 3).
 
 `plain_passes` is the paper's path: each pass calls the model on raw inputs (`PTUnifier.forward`)
 and fuses every position. The speed of the step lives here and nowhere else; `fast_passes`, the
-default, equals the plain path (tests/test_train.py) and `python bench.py reuse` measures its gain:
+default, equals the plain path (tests/test_train.py, tests/test_step.py) and `python bench.py
+reuse` measures its gain:
 - encoder reuse: the ViT has no dropout, so the B true images are encoded once for passes 1-3;
   where the text encoder has no dropout either (the tiny preset, or eval mode), the true texts
   are encoded once for passes 2 and 4;
@@ -21,7 +22,8 @@ default, equals the plain path (tests/test_train.py) and `python bench.py reuse`
 The step never reads a value back from the device and its shapes depend only on (B, L, P): the
 batch's text length and its number of MLM positions per text, both chosen on the host by the data
 loader (data.PretrainCollate pads L and P to a few bucket lengths). So `torch.compile` takes the
-whole step as one graph and CUDA graphs can replay it (tests/test_compile.py counts the syncs).
+whole step as one graph and CUDA graphs can replay it (tests/test_step.py counts the syncs,
+tests/test_compile.py compiles the step).
 """
 from __future__ import annotations
 
