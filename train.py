@@ -89,8 +89,9 @@ class TrainConfig:
     text_unit: str | None = None       # "sentence" (official: one random sentence) | "text" (whole)
     image_size: int | None = None      # image side in pixels (None: the preset's)
     max_text_len: int | None = None    # longest tokenised text (None: the preset's)
-    prompt_mode: str | None = None     # "pool" (Eq. 3-4), "static" (k fixed prompts) or "none" (a
-                                       # missing modality keeps only [CLS] / [<s>, </s>]); None: preset's
+    prompt_mode: str | None = None     # "pool" (Eq. 3-4), "pool_frozen" (the official code: pools
+                                       # never learn), "static" (k fixed prompts) or "none" (a missing
+                                       # modality keeps only [CLS] / <s>); None: preset's
     pool_size: int | None = None       # entries per prompt pool (None: the preset's)
     k_visual: int | None = None        # visual prompts per missing image (None: the preset's)
     k_textual: int | None = None       # textual prompts per missing text (None: the preset's)
