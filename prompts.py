@@ -87,7 +87,7 @@ class StaticPrompts(nn.Module):
 
 class NoPrompts(nn.Module):
     """No prompts at all: select returns k = 0 of them (the missing modality keeps only its [CLS]
-    or [<s>, </s>] tokens)."""
+    or <s> tokens)."""
 
     def __init__(self, dim: int):
         super().__init__()
