@@ -45,9 +45,10 @@ class ConfigError(ValueError):
 class Config:
     """Every architecture choice of PTUnifier. Saved in checkpoints; `Config(**asdict(c))` rebuilds.
 
-    Defaults are the paper's `base` model (section 5.3); recipes.RECIPES holds the presets. The
-    last group of fields (FROM_SCRATCH) holds what the tiny recipe changes to learn from scratch,
-    which the paper does not do; every other field is one of the paper's.
+    Defaults are the paper's `base` model (section 5.3) and, where the paper is silent, the
+    official code's (docs/CHOICES.md); recipes.RECIPES holds the presets. The last group of fields
+    (FROM_SCRATCH) holds what the tiny recipe changes to learn from scratch, which the paper does
+    not do; every other field is one of the paper's or the official code's.
     """
 
     # Vision encoder: CLIP ViT (pre-LN blocks, no dropout).
