@@ -114,6 +114,10 @@ class Config:
         if self.vision_stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
             out.append(f"vision_stem='conv' needs patch_size a power of two >= 2 (one stride-2 "
                        f"layer per halving), got {self.patch_size}")
+        for name in ("vision_layers", "text_layers", "fusion_layers"):
+            if getattr(self, name) < 1:
+                out.append(f"{name}={getattr(self, name)} must be at least 1 (a CLIP folder of n "
+                           "blocks gives n - 1, as the official code builds it)")
         if self.image_size % self.patch_size:
             out.append(f"image_size={self.image_size} is not a multiple of "
                        f"patch_size={self.patch_size}")
