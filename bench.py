@@ -146,7 +146,7 @@ def typical_positions(text_len: int) -> int:
 
 def prompt_scoring_flops(cfg: Config, batch: int, width: int) -> int:
     """Eq. 3 scores query [B, D] @ pool^T [D, S] (pool mode; static prompts score nothing)."""
-    return 2 * batch * cfg.pool_size * width if cfg.prompt_mode == "pool" else 0
+    return 2 * batch * cfg.pool_size * width if cfg.prompt_mode in ("pool", "pool_frozen") else 0
 
 
 def step_flops(cfg: Config, batch: int, text_len: int, reuse=True, positions: int | None = None) -> dict:

@@ -86,7 +86,7 @@ class LMHead(nn.Module):
         super().__init__()
         D = cfg.text_width
         self.dense = nn.Linear(D, D)
-        self.norm = nn.LayerNorm(D, eps=cfg.fusion_ln_eps)  # MLMHead's eps: it is copied from it
+        self.norm = nn.LayerNorm(D, eps=cfg.text_ln_eps)  # MLMHead's eps: it is copied from it
         self.decoder = nn.Linear(D, cfg.vocab_size)
 
     def forward(self, x):

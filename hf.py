@@ -54,7 +54,7 @@ def _read_json(path: Path) -> dict:
 
 def hf_vision_fields(folder) -> dict:
     """Config fields of a CLIP / CLIP-vision folder (the image size is not one: positions are
-    resized on load)."""
+    resized on load). As the official code does, the ViT takes all of CLIP's blocks but the last."""
     path = Path(folder) / "config.json"
     raw = _read_json(path)
     kind = raw.get("model_type")
@@ -65,7 +65,7 @@ def hf_vision_fields(folder) -> dict:
     c = {**_CLIP_VISION_DEFAULTS, **raw}
     if c["num_channels"] != 3:
         raise WeightLoadError(f"{path}: num_channels={c['num_channels']}, only RGB (3) is supported")
-    fields = dict(vision_width=c["hidden_size"], vision_layers=c["num_hidden_layers"],
+    fields = dict(vision_width=c["hidden_size"], vision_layers=c["num_hidden_layers"] - 1,
                   vision_heads=c["num_attention_heads"], vision_mlp=c["intermediate_size"],
                   patch_size=c["patch_size"], vision_act=c["hidden_act"],
                   vision_ln_eps=c["layer_norm_eps"], vision_stem="patch")  # CLIP: one patch conv
@@ -213,13 +213,15 @@ def convert_clip_vision(state: dict, target: dict, source: str = "state_dict") -
 
     Accepts a full CLIPModel (keys under `vision_model.`; text_model.*, text_projection,
     visual_projection and logit_scale are ignored) or a CLIPVisionModel with or without the
-    `vision_model.` prefix. `embeddings.position_ids` buffers are ignored.
+    `vision_model.` prefix. `embeddings.position_ids` buffers, and blocks beyond the model's
+    (the official ViT drops CLIP's last), are ignored.
     """
     prefixed = any(k.startswith("vision_model.") for k in state)
     clip_extras = {"text_projection.weight", "visual_projection.weight", "logit_scale"}
-    state = _strip(state, "vision_model." if prefixed else "", lambda key, short: (
-        short == "embeddings.position_ids" or key in clip_extras or key.startswith("text_model.")))
     layers = 1 + max((int(k.split(".")[1]) for k in target if k.startswith("blocks.")), default=-1)
+    state = _strip(state, "vision_model." if prefixed else "", lambda key, short: (
+        short == "embeddings.position_ids" or key in clip_extras or key.startswith("text_model.")
+        or (short.startswith("encoder.layers.") and int(short.split(".")[2]) >= layers)))
     out = _apply_recipe(state, _clip_vision_recipe(layers), target, source, {"pos_embed"})
     rows = out["pos_embed"].shape[0] - 1
     if math.isqrt(rows) ** 2 != rows:
@@ -247,8 +249,7 @@ def config_from_hf(vision=None, text=None, **overrides) -> Config:
     folders, then `overrides`.
 
     vision: a CLIPModel or CLIPVisionModel folder; text: a RoBERTa or BERT folder. The image size
-    stays `base`'s 288 unless overridden (position embeddings are resized on load). The MLM
-    decoder is tied when text_width == hidden_size unless tie_mlm_decoder is given.
+    stays `base`'s 288 unless overridden (position embeddings are resized on load).
     """
     fields = dataclasses.asdict(Config())
     if vision is not None:
@@ -259,8 +260,6 @@ def config_from_hf(vision=None, text=None, **overrides) -> Config:
     if unknown:
         raise ConfigError(f"config_from_hf: unknown fields {unknown}")
     fields.update(overrides)
-    if "tie_mlm_decoder" not in overrides:
-        fields["tie_mlm_decoder"] = fields["text_width"] == fields["hidden_size"]
     return Config(**fields)
 
 
@@ -271,7 +270,10 @@ def load_hf_encoders(model: PTUnifier, vision=None, text=None) -> None:
     must come from the file with the right shape (WeightLoadError otherwise).
     """
     if vision is not None:
-        _check_fields(model.config, hf_vision_fields(vision), vision)
+        fields = hf_vision_fields(vision)
+        if model.config.vision_layers <= fields["vision_layers"] + 1:  # the first blocks of CLIP's
+            fields["vision_layers"] = model.config.vision_layers
+        _check_fields(model.config, fields, vision)
         state, source = read_safetensors(vision)
         model.vision.load_state_dict(
             convert_clip_vision(state, _shapes(model.vision), source), strict=True)

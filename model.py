@@ -10,6 +10,7 @@ paper's figure; `PTUnifier.forward` reads as the four stages:
     A missing modality is replaced by prompts (select_prompts, Eq. 3-4; prompts.py):
     text only  -> text query  -> visual pool  -> prompt_image -> [CLS, prompts] through the ViT
     image only -> image query -> textual pool -> prompt_text  -> [<s>, prompts, </s>] through text
+    (prompts enter raw, as in the official code: no position embeddings, no LayerNorm)
 
 `fuse_encoded` is the one entry for inputs that are already encoded (a training step encodes
 the batch's images once for several fusion passes); `forward` encodes raw inputs and calls it.
@@ -44,16 +45,17 @@ class ConfigError(ValueError):
 class Config:
     """Every architecture choice of PTUnifier. Saved in checkpoints; `Config(**asdict(c))` rebuilds.
 
-    Defaults are the paper's `base` model (section 5.3); recipes.RECIPES holds the presets. The
-    last group of fields (FROM_SCRATCH) holds what the tiny recipe changes to learn from scratch,
-    which the paper does not do; every other field is one of the paper's.
+    Defaults are the paper's `base` model (section 5.3) and, where the paper is silent, the
+    official code's (docs/CHOICES.md); recipes.RECIPES holds the presets. The last group of fields
+    (FROM_SCRATCH) holds what the tiny recipe changes to learn from scratch, which the paper does
+    not do; every other field is one of the paper's or the official code's.
     """
 
     # Vision encoder: CLIP ViT (pre-LN blocks, no dropout).
     image_size: int = 288  # input side in pixels; position embeddings are resized to it on load
     patch_size: int = 16  # ViT patch side; the grid is image_size // patch_size
     vision_width: int = 768  # Dv, ViT token width
-    vision_layers: int = 12  # ViT blocks (all of them; the official code drops the last one)
+    vision_layers: int = 11  # ViT blocks: the official code builds CLIP's 12 - 1 = 11 (hf.py too)
     vision_heads: int = 12
     vision_mlp: int = 3072  # ViT MLP hidden width
     vision_act: str = "quick_gelu"  # "quick_gelu" (OpenAI CLIP) or "gelu"
@@ -78,16 +80,18 @@ class Config:
     fusion_layers: int = 6  # co-attention layers per stream
     fusion_heads: int = 12
     fusion_mlp: int = 3072
-    fusion_ln_eps: float = 1e-12  # BERT's value, as in METER's cross layers
     fusion_dropout: float = 0.1
     # Prompts (section 3.2): pools of pool_size vectors, top-k selection.
-    prompt_mode: str = "pool"  # "pool" (Eq. 3-4), "static" (k fixed learnable prompts) or "none"
-    pool_size: int = 1024  # entries per modality pool (paper Table 4: 1024 best)
+    prompt_mode: str = "pool"  # "pool" (Eq. 3-4), "pool_frozen" (the official code: pools never
+    #   learn), "static" (k fixed learnable prompts) or "none"
+    pool_size: int = 2048  # entries per modality pool (the official default; paper Table 4: 1024 best)
     k_visual: int = 49  # visual prompts standing in for a missing image
     k_textual: int = 32  # textual prompts standing in for a missing text
     # Heads.
-    tie_mlm_decoder: bool = True  # tie the MLM decoder to the word embeddings (needs Dt == H)
+    tie_mlm_decoder: bool = False  # tie the MLM decoder to the word embeddings (needs Dt == H);
+    #   the official decoder is a matrix of its own
     embed_dim: int = 768  # E, ITC embedding width
+    itc_bias: bool = False  # a bias in the ITC projections (the official ones have none)
     temperature: float = 0.1  # ITC temperature tau; logit scale = 1 / tau
     learnable_temperature: bool = False  # learn log(1/tau), clamped to a scale <= 100
     # Departures from the paper for training from scratch (the tiny recipe; docs/NOTES.md sections
@@ -110,6 +114,10 @@ class Config:
         if self.vision_stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
             out.append(f"vision_stem='conv' needs patch_size a power of two >= 2 (one stride-2 "
                        f"layer per halving), got {self.patch_size}")
+        for name in ("vision_layers", "text_layers", "fusion_layers"):
+            if getattr(self, name) < 1:
+                out.append(f"{name}={getattr(self, name)} must be at least 1 (a CLIP folder of n "
+                           "blocks gives n - 1, as the official code builds it)")
         if self.image_size % self.patch_size:
             out.append(f"image_size={self.image_size} is not a multiple of "
                        f"patch_size={self.patch_size}")
@@ -125,7 +133,7 @@ class Config:
                               ("pooling", ("cls", "mean"))):
             if getattr(self, name) not in allowed:
                 out.append(f"{name}={getattr(self, name)!r} must be one of {allowed}")
-        if self.prompt_mode == "pool":
+        if self.prompt_mode in ("pool", "pool_frozen"):
             if self.vision_width != self.text_width:
                 out.append(f"prompt_mode='pool' needs vision_width == text_width (got "
                            f"{self.vision_width} and {self.text_width}): the text query selects "
@@ -277,7 +285,7 @@ class CrossLayer(nn.Module):
 
     def __init__(self, cfg: Config):
         super().__init__()
-        H, p, eps = cfg.hidden_size, cfg.fusion_dropout, cfg.fusion_ln_eps
+        H, p, eps = cfg.hidden_size, cfg.fusion_dropout, cfg.text_ln_eps  # official: the text eps
         self.self_attn = SelfAttention(H, cfg.fusion_heads, p)
         self.ln1 = nn.LayerNorm(H, eps=eps)
         self.cross_attn = CrossAttention(H, cfg.fusion_heads, p)
@@ -437,54 +445,72 @@ class TextEncoder(nn.Module):
             TextLayer(D, cfg.text_heads, cfg.text_mlp, cfg.text_dropout, cfg.text_ln_eps)
             for _ in range(cfg.text_layers))
 
-    def position_ids(self, mask: torch.Tensor) -> torch.Tensor:
-        """mask [B, L] (1 = real) -> position ids [B, L]."""
-        B, L = mask.shape
+    def position_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, L] -> position ids [B, L]; RoBERTa counts the tokens that are not pad_token_id
+        (as the official code does), and pads keep pad_token_id."""
+        B, L = input_ids.shape
         rows = self.position_embeddings.num_embeddings
         if L + self.position_offset > rows:  # a shape check: no device sync
             raise ValueError(f"encode_text: texts of {L} tokens need {L + self.position_offset} "
                              f"position rows, the table has {rows} (Config.max_positions)")
         if self.roberta_positions:
-            real = mask.long()
+            real = input_ids.ne(self.pad_token_id).long()
             return real.cumsum(dim=1) * real + self.pad_token_id  # [B, L]; pads keep pad id
-        return torch.arange(L, device=mask.device).expand(B, L)  # [B, L]
+        return torch.arange(L, device=input_ids.device).expand(B, L)  # [B, L]
 
-    def embed(self, words: torch.Tensor, mask: torch.Tensor, token_type_ids=None) -> torch.Tensor:
-        """Word vectors [B, L, Dt] -> LayerNorm(words + positions + token types) [B, L, Dt]."""
+    def embed(self, words: torch.Tensor, position_ids: torch.Tensor, token_type_ids=None) -> torch.Tensor:
+        """Word vectors [B, L, Dt], position ids [B, L] -> LayerNorm(words + positions + types)."""
         if token_type_ids is None:
-            token_type_ids = torch.zeros_like(mask, dtype=torch.long)
-        x = words + self.position_embeddings(self.position_ids(mask))
+            token_type_ids = torch.zeros_like(position_ids)
+        x = words + self.position_embeddings(position_ids)
         return self.ln_embed(x + self.token_type_embeddings(token_type_ids))
 
     def run_layers(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Embedded tokens [B, L, Dt], mask [B, L] -> states [B, L, Dt]. Pads are keys no token
-        attends to; their own states are computed and read by nothing."""
+        """Embedded tokens [B, L, Dt] (after dropout), mask [B, L] -> states [B, L, Dt]. Pads are
+        keys no token attends to; their own states are computed and read by nothing."""
         key_mask = key_padding_mask(mask)  # [B, 1, 1, L]
-        x = self.drop(x)
         for layer in self.layers:
             x = layer(x, key_mask)
         return x
 
+    @staticmethod
+    def query(embedded: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The text query (section 3.2), as the official code takes it: the mean of the embedding
+        outputs over the real tokens after <s>, sum / (count + 1e-8): [B, L, Dt] -> [B, Dt]."""
+        weight = mask[:, 1:].to(embedded.dtype).unsqueeze(-1)  # [B, L - 1, 1]
+        return (embedded[:, 1:] * weight).sum(1) / (weight.sum(1) + 1e-8)
+
     def forward(self, input_ids, attention_mask, token_type_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [B, L], mask [B, L] -> (states [B, L, Dt], text query [B, Dt]).
 
-        The text query (section 3.2) is the masked mean of the embedding-layer outputs over real
-        tokens, taken before dropout so that selection does not depend on the dropout draw.
+        The query is taken before dropout, so that selection does not depend on the dropout draw
+        (the official code takes it after; the two agree in eval mode).
         """
-        embedded = self.embed(self.word_embeddings(input_ids), attention_mask, token_type_ids)
-        return self.run_layers(embedded, attention_mask), masked_mean(embedded, attention_mask)
+        words = self.word_embeddings(input_ids)
+        embedded = self.embed(words, self.position_ids(input_ids), token_type_ids)
+        return self.run_layers(self.drop(embedded), attention_mask), self.query(embedded, attention_mask)
+
+    def special_token(self, token_id: int, batch: int) -> torch.Tensor:
+        """One special token embedded alone, as the official code embeds <s> and </s> around the
+        prompts: LayerNorm(word + position of a first token + type 0), dropout -> [B, 1, Dt]."""
+        words = self.word_embeddings.weight[token_id].expand(batch, 1, -1)  # [B, 1, Dt]
+        first = torch.full((batch, 1), self.position_offset, device=words.device)
+        return self.drop(self.embed(words, first))
 
     def encode_prompts(self, prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Textual prompts [B, k, Dt] -> (states [B, k + 2, Dt], mask [B, k + 2]).
+        """Textual prompts [B, k, Dt] -> (states [B, k + 2, Dt], mask [B, k + 2]) of the sequence
+        [<s>, prompts, </s>]; with k = 0 (no prompts) the sequence is <s> alone: [B, 1, Dt].
 
-        The prompts replace word embeddings in [<s>, prompts, </s>]; positions, token types and
-        LayerNorm apply as for words; every token is real.
+        As in the official code, <s> and </s> are each embedded alone (`special_token`) and the
+        prompts go in raw: no position, type, LayerNorm or dropout. Every token is real.
         """
         B, k, _ = prompts.shape
-        ends = self.word_embeddings.weight[[self.bos_token_id, self.eos_token_id]]  # [2, Dt]
-        words = torch.cat([ends[0].expand(B, 1, -1), prompts, ends[1].expand(B, 1, -1)], dim=1)
-        mask = torch.ones(B, k + 2, dtype=torch.long, device=prompts.device)  # [B, k + 2]
-        return self.run_layers(self.embed(words, mask), mask), mask
+        tokens = [self.special_token(self.bos_token_id, B)]
+        if k:
+            tokens += [prompts, self.special_token(self.eos_token_id, B)]
+        x = torch.cat(tokens, dim=1)  # [B, L, Dt]
+        mask = torch.ones(B, x.shape[1], dtype=torch.long, device=prompts.device)  # [B, L]
+        return self.run_layers(x, mask), mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -546,7 +572,7 @@ class MLMHead(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.fusion_ln_eps)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.text_ln_eps)  # official: the text eps
         self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size)
 
     def forward(self, x):
@@ -588,13 +614,14 @@ class GlobalBatchNorm(nn.Module):
 
 
 class ITCProjection(nn.Module):
-    """Contrastive projection of a joint feature (ITC, Eq. 9-10): LayerNorm, Linear, L2-normalise;
-    with `batch_norm`, a GlobalBatchNorm before the L2-normalisation."""
+    """Contrastive projection of a joint feature (ITC, Eq. 9-10): LayerNorm, Linear (without a bias
+    unless `bias`, as in the official code), L2-normalise; with `batch_norm`, a GlobalBatchNorm
+    before the L2-normalisation."""
 
-    def __init__(self, in_dim: int, embed_dim: int, batch_norm: bool = False):
+    def __init__(self, in_dim: int, embed_dim: int, batch_norm: bool = False, bias: bool = False):
         super().__init__()
         self.norm = nn.LayerNorm(in_dim)
-        self.proj = nn.Linear(in_dim, embed_dim)
+        self.proj = nn.Linear(in_dim, embed_dim, bias=bias)
         self.batch_norm = GlobalBatchNorm(embed_dim) if batch_norm else nn.Identity()
 
     def forward(self, joint):
@@ -673,7 +700,7 @@ class Encoded:
 class FusionOutput:
     """What one fusion pass returns (text mask: 1 = real token; indices None when not prompted)."""
 
-    text: torch.Tensor  # [B, Lt, H] fused text stream (Lt = k_textual + 2 when prompted)
+    text: torch.Tensor  # [B, Lt, H] fused text stream (Lt = k_textual + 2 when prompted, 1 if k = 0)
     image: torch.Tensor  # [B, Li, H] fused image stream (Li = 1 + k_visual when prompted)
     text_mask: torch.Tensor  # [B, Lt]
     joint: torch.Tensor  # [B, 2H] concat(text pooled, image pooled)
@@ -693,8 +720,8 @@ class PTUnifier(nn.Module):
         self.fusion = Fusion(cfg)
         self.mlm_head = MLMHead(cfg)
         self.itm_head = nn.Linear(H2, 2)
-        self.itc_image = ITCProjection(H2, cfg.embed_dim, cfg.itc_batch_norm)
-        self.itc_text = ITCProjection(H2, cfg.embed_dim, cfg.itc_batch_norm)
+        self.itc_image = ITCProjection(H2, cfg.embed_dim, cfg.itc_batch_norm, cfg.itc_bias)
+        self.itc_text = ITCProjection(H2, cfg.embed_dim, cfg.itc_batch_norm, cfg.itc_bias)
         bert_init(self)
         self.vision.init_weights(cfg.vision_layers)
         # Pools are created after the init pass: PromptPool/StaticPrompts init themselves.

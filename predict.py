@@ -94,7 +94,7 @@ def load_tokenizer(checkpoint, meta: dict, explicit=None) -> tuple[Tokenizer, Pa
     run found it (its --tokenizer, --text-init, or tokenizer.json beside its data)."""
     run = (meta.get("finetune") or {}).get("config") or meta.get("train_config") or {}
     try:
-        if not (explicit or run.get("data")):
+        if not (explicit or run.get("data") or run.get("tokenizer")):
             raise SystemExit("its run recorded no data folder")
         path = locate_tokenizer(run.get("data") or "", explicit or run.get("tokenizer") or "",
                                 run.get("text_init") or "")

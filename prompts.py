@@ -7,11 +7,13 @@ prompts. Two variants are implemented:
   the missing modality's input space. The present modality is pooled into a query q and every
   entry is scored by the raw dot product s_i = w_i^T q (Eq. 3); the k highest-scoring entries,
   in descending score order, become the prompts (Eq. 4).
+- `PromptPool(frozen=True)` (prompt mode "pool_frozen"): what the official code does; the pool
+  keeps its initial values (no gradient reaches it, no optimizer holds it).
 - `StaticPrompts` (section 3.2.1): k fixed learnable prompts shared by every input; the query is
   ignored.
 - `NoPrompts` (Table 4's "without prompt pools"; the paper does not say what then fills a missing
-  modality): zero prompts, so a missing text is the empty text [<s>, </s>] and a missing image the
-  class token [CLS] alone, each through its encoder.
+  modality): zero prompts, so a missing text is <s> alone and a missing image the class token
+  [CLS] alone, each through its encoder (what the official code does with 0 prompts).
 
 All expose `select(query[B, D]) -> (prompts[B, k, D], indices[B, k])`.
 
@@ -43,14 +45,18 @@ class PromptPool(nn.Module):
     """A pool of `size` learnable prompt vectors of width `dim`; `select` returns the top `k`.
 
     Eq. 3: score_i = w_i^T q. Eq. 4: prompts = [w_(1), ..., w_(k)] sorted by descending score.
+
+    With `frozen` (the official code, which selects under torch.no_grad), the pool never learns:
+    the weight takes no gradient, so no optimizer receives it.
     """
 
-    def __init__(self, size: int, dim: int, k: int):
+    def __init__(self, size: int, dim: int, k: int, frozen: bool = False):
         super().__init__()
         if not 0 < k <= size:
             raise ValueError(f"PromptPool: need 0 < k <= size, got k={k}, size={size}")
         self.k = k
-        self.weight = nn.Parameter(torch.randn(size, dim) * 0.02)  # [S, D], normal std 0.02
+        weight = torch.randn(size, dim) * 0.02  # [S, D], normal std 0.02
+        self.weight = nn.Parameter(weight, requires_grad=not frozen)
 
     def scores(self, query: torch.Tensor) -> torch.Tensor:
         """Eq. 3: query [B, D] -> scores [B, S] (`pool_scores`)."""
@@ -81,7 +87,7 @@ class StaticPrompts(nn.Module):
 
 class NoPrompts(nn.Module):
     """No prompts at all: select returns k = 0 of them (the missing modality keeps only its [CLS]
-    or [<s>, </s>] tokens)."""
+    or <s> tokens)."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -94,13 +100,14 @@ class NoPrompts(nn.Module):
                 torch.zeros(batch, 0, dtype=torch.long, device=query.device))
 
 
-PROMPT_MODES = ("pool", "static", "none")
+PROMPT_MODES = ("pool", "pool_frozen", "static", "none")
 
 
 def build_prompts(mode: str, size: int, dim: int, k: int) -> PromptPool | StaticPrompts | NoPrompts:
-    """Prompt source for one modality: mode "pool" (Eq. 3-4), "static" (section 3.2.1) or "none"."""
-    if mode == "pool":
-        return PromptPool(size, dim, k)
+    """Prompt source for one modality: mode "pool" (Eq. 3-4), "pool_frozen" (the official code's
+    pool that never learns), "static" (section 3.2.1) or "none"."""
+    if mode in ("pool", "pool_frozen"):
+        return PromptPool(size, dim, k, frozen=mode == "pool_frozen")
     if mode == "static":
         return StaticPrompts(k, dim)
     if mode == "none":

@@ -116,7 +116,7 @@ def build_model(preset: str, tokenizer, vision_init=None, text_init=None, **over
                   bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, **overrides)
     if vision_init is None and text_init is None:
         return PTUnifier(Config(**fields))
-    from_folders = {"tie_mlm_decoder"}  # config_from_hf ties the decoder when the widths allow it
+    from_folders = set()
     if vision_init:
         from_folders |= set(hf_vision_fields(vision_init))
     if text_init:

@@ -42,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import synth
-from checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from checkpoint import load_checkpoint, load_pretrained, read_metadata, save_checkpoint
 from data import DeviceCopy, PretrainDataset, SkipTracker, make_train_stream
 from losses import LossWeights
 from model import PTUnifier
@@ -67,6 +67,8 @@ class TrainConfig:
     tokenizer: str | None = None       # tokenizer.json / folder; default: beside the data, or --text-init
     vision_init: str | None = None     # HF CLIP (vision) folder to initialise the ViT from
     text_init: str | None = None       # HF RoBERTa/BERT folder to initialise the text encoder from
+    init: str | None = None            # continue pre-training from a checkpoint's model (its Config
+                                       # and weights; ours, or the authors' through convert.py)
     steps: int | None = None           # optimisation steps
     batch_size: int | None = None      # global batch per optimisation step
     micro_batch: int | None = None     # per-process batch per forward (None: batch / processes)
@@ -89,8 +91,9 @@ class TrainConfig:
     text_unit: str | None = None       # "sentence" (official: one random sentence) | "text" (whole)
     image_size: int | None = None      # image side in pixels (None: the preset's)
     max_text_len: int | None = None    # longest tokenised text (None: the preset's)
-    prompt_mode: str | None = None     # "pool" (Eq. 3-4), "static" (k fixed prompts) or "none" (a
-                                       # missing modality keeps only [CLS] / [<s>, </s>]); None: preset's
+    prompt_mode: str | None = None     # "pool" (Eq. 3-4), "pool_frozen" (the official code: pools
+                                       # never learn), "static" (k fixed prompts) or "none" (a missing
+                                       # modality keeps only [CLS] / <s>); None: preset's
     pool_size: int | None = None       # entries per prompt pool (None: the preset's)
     k_visual: int | None = None        # visual prompts per missing image (None: the preset's)
     k_textual: int | None = None       # textual prompts per missing text (None: the preset's)
@@ -174,6 +177,22 @@ class Run:
     clock: SaveClock           # --save-every-minutes
 
 
+def init_model(cfg: TrainConfig, tokenizer: Tokenizer) -> PTUnifier:
+    """The model of --init: the checkpoint's own Config and weights; its vocabulary must be the
+    tokenizer's, and no flag may change its architecture."""
+    given = [f"--{k.replace('_', '-')}" for k in ("vision_init", "text_init") if getattr(cfg, k)]
+    given += [f"--{k.replace('_', '-')}" for k in cfg.model_overrides()]
+    if given:
+        raise SystemExit(f"--init {cfg.init} gives the model (its Config and weights); drop {', '.join(given)}")
+    model, _, _ = load_pretrained(cfg.init)
+    c = model.config
+    if (c.vocab_size, c.pad_token_id) != (tokenizer.vocab_size, tokenizer.pad_id):
+        raise SystemExit(f"--init {cfg.init}: its vocab_size={c.vocab_size} (pad id {c.pad_token_id}) does "
+                         f"not match the tokenizer's {tokenizer.vocab_size} (pad id {tokenizer.pad_id}); "
+                         "pass the tokenizer it was trained with (--tokenizer)")
+    return model
+
+
 def start_run(cfg: TrainConfig, rt: Runtime) -> Run:
     """Build the model, the data stream and the optimiser; restore them with --resume."""
     out = Path(cfg.out)
@@ -182,8 +201,8 @@ def start_run(cfg: TrainConfig, rt: Runtime) -> Run:
         print0(rt, f"resuming from {resume} at step {read_metadata(resume)['state']['step']}")
     seed_everything(cfg.seed)  # the same initial weights on every rank
     tokenizer = Tokenizer.load(locate_tokenizer(cfg.data, cfg.tokenizer, cfg.text_init))
-    model = build_model(cfg.preset, tokenizer, cfg.vision_init, cfg.text_init,
-                        **cfg.model_overrides()).to(rt.device)
+    model = (init_model(cfg, tokenizer) if cfg.init else build_model(
+        cfg.preset, tokenizer, cfg.vision_init, cfg.text_init, **cfg.model_overrides())).to(rt.device)
     mcfg = model.config
     micro = cfg.micro_batch or cfg.batch_size // rt.world
     accum = cfg.batch_size // (micro * rt.world)
@@ -477,6 +496,8 @@ def parse_args(argv=None) -> TrainConfig:
         "micro_batch": "per-process batch per forward; lower it (32, 16, 8) if you run out of memory "
                        "(None: the whole per-process batch)",
         "workers": "DataLoader workers per process; 0 loads in the main process (None: 1 on CPU, 8 on CUDA)",
+        "init": "continue pre-training from the model of a checkpoint (ours, or convert.py's of the authors' "
+                "weights): its Config and weights; the recipe is --preset's",
         "resume": "continue exactly from OUT/checkpoint.safetensors, which must exist; '--resume auto': "
                   "continue when it exists, else start fresh (one command for a first launch and every relaunch)",
         "compile": "torch.compile the step whole (default on CUDA; off on the CPU, where compiling the tiny "

@@ -23,7 +23,7 @@ def small_config(**overrides):
                   vision_mlp=64, vocab_size=60, text_width=32, text_layers=2, text_heads=4,
                   text_mlp=64, max_positions=40, max_text_len=20, hidden_size=32,
                   fusion_layers=1, fusion_heads=4, fusion_mlp=64, pool_size=16, k_visual=4,
-                  k_textual=4, embed_dim=32)
+                  k_textual=4, embed_dim=32, tie_mlm_decoder=True)
     fields.update(overrides)
     return dataclasses.replace(RECIPES["tiny"].model, **fields)
 
@@ -173,7 +173,7 @@ def test_from_encoder_without_cross_attention_is_the_causal_text_encoder():
     ids = torch.randint(3, 60, (2, 9))
     memory, mask = padded_memory(B=2)
     causal = torch.ones(9, 9, dtype=torch.bool).tril()
-    x = model.text.embed(model.text.word_embeddings(ids), torch.ones_like(ids))
+    x = model.text.embed(model.text.word_embeddings(ids), model.text.position_ids(ids))
     for layer in model.text.layers:
         x = layer(x, causal)
     expected = model.mlm_head(x)

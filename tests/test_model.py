@@ -93,10 +93,13 @@ def test_vision_parity(folders, name):
     reference = live[name].vision_model if name == "clip" else live[name]  # 5.x: no prefix
     pixels = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        expected = reference.post_layernorm(reference(pixel_values=pixels).last_hidden_state)
-        got = ours(vision=paths[name]).encode_image(pixels).states
-    assert got.shape == expected.shape == (3, 17, 64)
-    assert (got - expected).abs().max().item() <= TOL
+        hidden = reference(pixel_values=pixels, output_hidden_states=True).hidden_states
+        for layers, expected in ((None, hidden[-2]), (2, hidden[-1])):  # default: the official 2 - 1
+            extra = {} if layers is None else {"vision_layers": layers}
+            got = ours(vision=paths[name], **extra).encode_image(pixels).states
+            expected = reference.post_layernorm(expected)
+            assert got.shape == expected.shape == (3, 17, 64)
+            assert (got - expected).abs().max().item() <= TOL
 
 
 def padded_batch(vocab: int, pad: int, special: tuple[int, int], lengths=(10, 6, 3)):
@@ -300,12 +303,15 @@ def test_text_keys_always_take_the_mask_and_image_keys_none(monkeypatch):
 
 def test_heads_and_temperature():
     model = PTUnifier(dataclasses.replace(RECIPES["tiny"].model, temperature=0.1, learnable_temperature=False))
-    assert model.mlm_head.decoder.weight is model.text.word_embeddings.weight
+    assert model.mlm_head.decoder.weight is not model.text.word_embeddings.weight  # official: untied
+    assert model.itc_image.proj.bias is None and model.itc_text.proj.bias is None  # official: no bias
+    tied = PTUnifier(dataclasses.replace(RECIPES["tiny"].model, tie_mlm_decoder=True, itc_bias=True))
+    assert tied.mlm_head.decoder.weight is tied.text.word_embeddings.weight
+    assert tied.itc_image.proj.bias is not None
     assert model.logit_scale().item() == pytest.approx(10.0)
     assert "log_scale" not in dict(model.named_parameters())
     learn = PTUnifier(dataclasses.replace(RECIPES["tiny"].model, learnable_temperature=True,
-                                          temperature=0.001, tie_mlm_decoder=False))
-    assert learn.mlm_head.decoder.weight is not learn.text.word_embeddings.weight
+                                          temperature=0.001))
     assert learn.logit_scale().item() == pytest.approx(100.0)  # 1000 clamped to 100
     head = ClassifierHead(12, 5)
     assert [type(m).__name__ for m in head.children()] == ["Linear", "LayerNorm", "Linear"]
@@ -362,7 +368,7 @@ def test_itc_batch_norm_spreads_the_embeddings_at_init():
         return cosine[~torch.eye(32, dtype=torch.bool)].mean().item()
 
     assert RECIPES["tiny"].model.itc_batch_norm and not Config().itc_batch_norm
-    assert mean_cosine(False) > 0.9
+    assert mean_cosine(False) > 0.8
     assert abs(mean_cosine(True)) < 0.1
 
 
@@ -421,9 +427,12 @@ def test_param_groups_cover_every_parameter_once():
 def test_presets_and_round_trip():
     tiny, base = RECIPES["tiny"].model, RECIPES["base"].model
     assert Config(**dataclasses.asdict(tiny)) == tiny
-    assert (base.image_size, base.patch_size, base.vision_width, base.vision_layers) == (288, 16, 768, 12)
+    # the official code: CLIP's 12 blocks but the last, 2048 prompts per pool, untied decoder,
+    # bias-free ITC projections, the text encoder's LayerNorm eps in the fusion and MLM head
+    assert (base.image_size, base.patch_size, base.vision_width, base.vision_layers) == (288, 16, 768, 11)
+    assert (base.tie_mlm_decoder, base.itc_bias, base.text_ln_eps) == (False, False, 1e-5)
     assert (base.vocab_size, base.pad_token_id, base.max_positions, base.max_text_len) == (50265, 1, 514, 48)
-    assert (base.fusion_layers, base.pool_size, base.k_visual, base.k_textual) == (6, 1024, 49, 32)
+    assert (base.fusion_layers, base.pool_size, base.k_visual, base.k_textual) == (6, 2048, 49, 32)
     assert (tiny.image_size, tiny.patch_size, tiny.vision_width, tiny.pool_size) == (64, 16, 128, 64)
     assert (tiny.k_visual, tiny.k_textual, tiny.max_text_len) == (16, 16, 64)
 
@@ -454,11 +463,12 @@ def test_from_hf_reads_encoder_fields(folders):
     paths, _ = folders
     cfg = config_from_hf(vision=paths["clip"], text=paths["roberta_mlm"], prompt_mode="static",
                          max_text_len=16)
-    assert (cfg.vision_width, cfg.vision_layers, cfg.vision_heads, cfg.vision_mlp) == (64, 2, 4, 128)
+    # the folder's 2 blocks but the last, as the official code builds its ViT
+    assert (cfg.vision_width, cfg.vision_layers, cfg.vision_heads, cfg.vision_mlp) == (64, 1, 4, 128)
     assert (cfg.patch_size, cfg.vision_act, cfg.image_size) == (8, "quick_gelu", 288)
     assert (cfg.text_width, cfg.text_layers, cfg.vocab_size, cfg.pad_token_id) == (64, 2, 120, 1)
     assert (cfg.position_style, cfg.max_positions, cfg.type_vocab_size) == ("roberta", 40, 1)
-    assert cfg.tie_mlm_decoder is False  # text width 64 != hidden 768
+    assert cfg.tie_mlm_decoder is False  # the official decoder is untied
     bert = config_from_hf(text=paths["bert"], prompt_mode="static", max_text_len=16,
                           k_textual=4)
     assert (bert.position_style, bert.pad_token_id, bert.text_ln_eps) == ("bert", 0, 1e-12)

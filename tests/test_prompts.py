@@ -91,9 +91,9 @@ def test_static_mode_in_the_model():
     assert out.image_prompt_indices.tolist() == [list(range(cfg.k_visual))] * 2
 
 
-def test_no_prompts_leave_only_the_class_token_and_the_text_ends():
+def test_no_prompts_leave_only_the_class_token_and_the_start_token():
     """prompt_mode "none" (Table 4's "without prompt pools"): a missing image is [CLS] alone, a
-    missing text [<s>, </s>]; no prompt parameters exist and no indices are returned."""
+    missing text <s> alone (as in the official code); no prompt parameters, no indices."""
     torch.manual_seed(7)
     cfg = dataclasses.replace(RECIPES["tiny"].model, prompt_mode="none")
     model = PTUnifier(cfg).eval()
@@ -101,9 +101,34 @@ def test_no_prompts_leave_only_the_class_token_and_the_text_ends():
     text_only = model(input_ids=torch.randint(5, 4096, (2, 6)))
     image_only = model(pixel_values=torch.randn(2, 3, 64, 64))
     assert text_only.image.shape == (2, 1, cfg.hidden_size)
-    assert image_only.text.shape == (2, 2, cfg.hidden_size) and image_only.text_mask.tolist() == [[1, 1]] * 2
+    assert image_only.text.shape == (2, 1, cfg.hidden_size) and image_only.text_mask.tolist() == [[1]] * 2
     assert text_only.image_prompt_indices.shape == (2, 0) and image_only.text_prompt_indices.shape == (2, 0)
-    # the missing text is what the explicit empty text <s></s> gives
+    # the missing text is what the explicit one-token text <s> gives
     pixels = torch.randn(2, 3, 64, 64)
-    ends = torch.tensor([[cfg.bos_token_id, cfg.eos_token_id]] * 2)
-    torch.testing.assert_close(model(pixel_values=pixels).joint, model(pixel_values=pixels, input_ids=ends).joint)
+    start = torch.tensor([[cfg.bos_token_id]] * 2)
+    torch.testing.assert_close(model(pixel_values=pixels).joint, model(pixel_values=pixels, input_ids=start).joint)
+
+
+@pytest.mark.parametrize("mode", ["pool", "pool_frozen"])
+def test_frozen_pools_never_learn(mode):
+    """prompt_mode "pool_frozen" (the official code): after optimizer steps on uni-modal passes the
+    pools hold their initial values and took no gradient; with "pool" the selected rows move."""
+    torch.manual_seed(8)
+    model = PTUnifier(dataclasses.replace(RECIPES["tiny"].model, prompt_mode=mode,
+                                          itc_batch_norm=False))
+    pools = {n: t.clone() for n, t in model.state_dict().items() if "prompts" in n}
+    optimizer = torch.optim.AdamW(model.param_groups())
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    for _ in range(2):
+        optimizer.zero_grad()
+        image_only = model(pixel_values=torch.randn(2, 3, 64, 64))
+        text_only = model(input_ids=torch.randint(5, 4096, (2, 6)))
+        (image_only.joint.square().sum() + text_only.joint.square().sum()).backward()
+        optimizer.step()
+    for name in ("visual_prompts.weight", "textual_prompts.weight"):
+        param = model.get_parameter(name)
+        if mode == "pool_frozen":
+            assert param.grad is None and id(param) not in in_optimizer
+            assert torch.equal(param.detach(), pools[name])
+        else:
+            assert id(param) in in_optimizer and not torch.equal(param.detach(), pools[name])

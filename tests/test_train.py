@@ -271,7 +271,7 @@ def hf_folders(synth_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
     torch.manual_seed(0)
     clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, image_size=64,
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=64,
         patch_size=16, hidden_act="quick_gelu"))
     roberta = transformers.RobertaModel(transformers.RobertaConfig(
         vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=1,

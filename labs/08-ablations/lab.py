@@ -59,7 +59,7 @@ lab = lab_notebook.Lab(8)
 # | 3 | `mlm_itm` | `--itc-weight 0 --itc-warmup 0` |
 # | 3 | `itc` | `--mlm-weight 0 --itm-weight 0` (ITC alone for the whole run) |
 # | 3 | `mlm_itm_itc` | none: the tables' recipe |
-# | 4 | `no_pool` | `--prompt-mode none` (a missing text is `<s></s>`, a missing image the class token alone) |
+# | 4 | `no_pool` | `--prompt-mode none` (a missing text is `<s>` alone, `<s></s>` when this lab was recorded; a missing image the class token alone) |
 # | 4 | `static` | `--prompt-mode static` (k fixed learnable prompts for every input) |
 # | 4 | `pool_16`, `pool_64`, `pool_256` | `--pool-size 16`, the default 64, `--pool-size 256` (k = 8 textual / 16 visual) |
 #
