@@ -52,7 +52,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from checkpoint import (CheckpointError, check_resume, load_model_state, load_optimizer_state,
@@ -63,9 +62,9 @@ from losses import itc_loss
 from metrics import accuracy, class_aurocs, nlg_metrics, recall_at_k, vqa_accuracy
 from model import ClassifierHead, Encoded, PTUnifier, param_groups
 from recipes import build_model, recipe, with_defaults
-from runtime import (Runtime, SaveClock, StopSignal, adamw, any_rank, barrier, check_resume_mode, cleanup,
-                     dataclass_cli, finish_step, lr_factor, print0, resume_point, seed_everything, seed_step, set_lr,
-                     setup_runtime, snapshot_buffers)
+from runtime import (Runtime, SaveClock, StopSignal, adamw, check_resume_mode, cleanup, dataclass_cli, guarded_step,
+                     lr_factor, print0, resume_point, save_on_rank0, seed_everything, seed_step, set_lr,
+                     setup_runtime, wrap_ddp, write_run_config)
 from tokenizer import Tokenizer, locate_tokenizer
 from zeroshot import embed_retrieval
 
@@ -129,6 +128,9 @@ INPUTS = {
                            attention_mask=b.attention_mask),
 }
 
+FREEZE = ("none", "encoders", "backbone")  # --freeze: what keeps its loaded weights
+
+
 @dataclass
 class FinetuneConfig:
     """Everything that defines a fine-tuning run besides the architecture (saved in results.json).
@@ -140,7 +142,11 @@ class FinetuneConfig:
     preset: str = "tiny"            # the recipe; with --init, the preset the checkpoint was trained with
     tokenizer: str | None = None    # tokenizer.json / folder; default: tokenizer.json beside the data
     epochs: int | None = None       # passes over the training split
-    batch_size: int | None = None   # global batch
+    batch_size: int | None = None   # global batch per optimisation step
+    micro_batch: int | None = None  # per-process batch per forward, gradients accumulated up to the
+                                    # global batch (None: batch / processes); lower it to save memory
+    freeze: str = "none"            # "encoders": the ViT and text encoder stay as loaded; "backbone":
+                                    # all of PTUnifier (linear probing: only the task layers train)
     lr_backbone: float | None = None  # the pre-trained PTUnifier (paper 5e-6)
     lr_task: float | None = None    # new task layers (paper 2.5e-4)
     weight_decay: float = 0.01      # AdamW decay of the weight matrices (paper 5.3)
@@ -173,6 +179,8 @@ class FinetuneConfig:
         checkpoint was pre-trained with (its metadata), else --preset."""
         if self.task not in TASKS:
             raise SystemExit(f"--task {self.task!r}: expected one of {sorted(TASKS)}")
+        if self.freeze not in FREEZE:
+            raise SystemExit(f"--freeze {self.freeze!r}: expected one of {FREEZE}")
         if self.missing not in ("prompts", "blank"):
             raise SystemExit(f"--missing {self.missing!r}: expected 'prompts' or 'blank'")
         check_resume_mode(self.resume)
@@ -191,12 +199,37 @@ class FinetuneModel(nn.Module):
     """The PTUnifier backbone plus the task's new modules; forward(batch) -> loss, so that DDP wraps
     a single forward."""
 
-    def __init__(self, backbone: PTUnifier, task: Task, n_outputs: int = 0, blank: bool = False):
+    def __init__(self, backbone: PTUnifier, task: Task, n_outputs: int = 0, blank: bool = False,
+                 freeze: str = "none"):
         super().__init__()
         self.backbone, self.task, self.blank = backbone, task, blank
         self.head = ClassifierHead(2 * backbone.config.hidden_size, n_outputs) \
             if task.head == "classifier" else None
         self.decoder = TextDecoder.from_encoder(backbone) if task.head == "decoder" else None
+        self.frozen = self.frozen_modules(freeze)
+        new = self.new_parameters()
+        for p in backbone.parameters() if freeze == "backbone" else []:
+            p.requires_grad_(id(p) in new)
+        for module in self.frozen:
+            module.requires_grad_(False)
+
+    def frozen_modules(self, freeze: str) -> list[nn.Module]:
+        """The modules --freeze keeps as loaded (and in eval mode): none, the two encoders, or every
+        part of the backbone but the task layers that live in it (retrieval's ITC and ITM heads)."""
+        b = self.backbone
+        if freeze == "encoders":
+            return [b.vision, b.text]
+        if freeze == "backbone":
+            new = self.new_parameters()
+            return [m for m in b.children() if not any(id(p) in new for p in m.parameters())]
+        return []
+
+    def train(self, mode: bool = True) -> "FinetuneModel":
+        """Frozen modules stay in eval mode (no dropout, running statistics kept): fixed features."""
+        super().train(mode)
+        for module in self.frozen:
+            module.eval()
+        return self
 
     def task_modules(self) -> dict[str, nn.Module]:
         """The new modules saved under "task/" (the backbone is saved under "model/")."""
@@ -490,7 +523,7 @@ def evaluate_split(model: FinetuneModel, ctx: EvalContext, split: str) -> dict:
 
 # FinetuneConfig fields that must not change when a fine-tune resumes (the model and the data stream).
 RESUME_FIELDS = ("task", "data", "init", "preset", "batch_size", "max_steps_per_epoch", "train_fraction",
-                 "missing", "seed")
+                 "missing", "freeze", "seed")
 
 
 @dataclass
@@ -506,6 +539,7 @@ class FinetuneRun:
     scaler: torch.amp.GradScaler
     dataset: TaskDataset       # the training split (its --train-fraction subset)
     steps_per_epoch: int
+    micro_batch: int           # per-process rows per forward (the per-process batch: no accumulation)
     ctx: EvalContext
     skips: SkipTracker
     clock: SaveClock           # --save-every-minutes
@@ -537,7 +571,8 @@ def start_finetune(cfg: FinetuneConfig, rt: Runtime) -> FinetuneRun:
     tokenizer = Tokenizer.load(locate_tokenizer(cfg.data, cfg.tokenizer))
     backbone, init_meta, init_tensors = load_backbone(cfg, tokenizer)
     names = output_names(task, meta)
-    model = FinetuneModel(backbone, task, len(names), blank=cfg.missing == "blank").to(rt.device)
+    model = FinetuneModel(backbone, task, len(names), blank=cfg.missing == "blank",
+                          freeze=cfg.freeze).to(rt.device)
     if init_meta is not None and load_task_modules(model, cfg.init, init_meta, init_tensors, names):
         print0(rt, f"task modules loaded from {cfg.init}")
     del init_tensors
@@ -550,6 +585,10 @@ def start_finetune(cfg: FinetuneConfig, rt: Runtime) -> FinetuneRun:
         cfg = dataclasses.replace(cfg, batch_size=max(rt.world, len(train_set) // rt.world * rt.world))
     if cfg.batch_size % rt.world:
         raise SystemExit(f"--batch-size {cfg.batch_size} must be a multiple of the {rt.world} processes")
+    micro = min(cfg.micro_batch or cfg.batch_size // rt.world, cfg.batch_size // rt.world)
+    if (cfg.batch_size // rt.world) % micro:
+        raise SystemExit(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch {micro} x "
+                         f"{rt.world} processes")
     batches = len(train_set) // cfg.batch_size  # per epoch (the last partial batch is dropped)
     steps_per_epoch = min(batches, cfg.max_steps_per_epoch or batches)
     if steps_per_epoch == 0:
@@ -559,18 +598,16 @@ def start_finetune(cfg: FinetuneConfig, rt: Runtime) -> FinetuneRun:
     state = new_state()
     if resume:
         state = resume_from(resume, cfg, model, optimizer, scaler, names)
-    runner = model
-    if rt.world > 1:  # unused parameters: the pool of the present modality, heads of other tasks
-        runner = DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device.type == "cuda"
-                                         else None, find_unused_parameters=True)
-    if rt.master:
-        Path(cfg.out).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.out) / "config.json").write_text(json.dumps(
-            dict(finetune=dataclasses.asdict(cfg), model=dataclasses.asdict(mcfg)), indent=2))
+    # unused parameters: the pool of the present modality, heads of other tasks
+    runner = wrap_ddp(model, rt, find_unused_parameters=True)
+    write_run_config(Path(cfg.out), rt, finetune=dataclasses.asdict(cfg), model=dataclasses.asdict(mcfg))
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     print0(rt, f"{task.name}: {len(train_set)} training samples, {cfg.epochs} epochs x "
-               f"{steps_per_epoch} steps, batch {cfg.batch_size}, lr backbone {cfg.lr_backbone:g} / "
-               f"task {cfg.lr_task:g}, on {rt.device}")
-    return FinetuneRun(cfg, rt, task, meta, model, runner, optimizer, scaler, train_set, steps_per_epoch,
+               f"{steps_per_epoch} steps, batch {cfg.batch_size} = {rt.world} x {micro} x "
+               f"{cfg.batch_size // rt.world // micro} accumulation, lr backbone {cfg.lr_backbone:g} / "
+               f"task {cfg.lr_task:g}" + f", {frozen / 1e6:.2f}M parameters frozen" * bool(frozen) +
+               f", on {rt.device}")
+    return FinetuneRun(cfg, rt, task, meta, model, runner, optimizer, scaler, train_set, steps_per_epoch, micro,
                        EvalContext(Path(cfg.data), tokenizer, names, rt, cfg), SkipTracker(len(train_set)),
                        SaveClock(cfg.save_every_minutes), state)
 
@@ -587,22 +624,20 @@ def resume_from(path: Path, cfg: FinetuneConfig, model: FinetuneModel, optimizer
 
 def save(run: FinetuneRun) -> None:
     """OUT/checkpoint.safetensors, from which the fine-tune can continue (rank 0 writes it)."""
-    if run.rt.master:
-        save_finetuned(Path(run.cfg.out) / "checkpoint.safetensors", run.model, run.ctx.names, run.cfg,
-                       run.state, optimizer=run.optimizer, scaler=run.scaler)
-    barrier(run.rt)
-    run.clock.restart()
+    save_on_rank0(lambda: save_finetuned(Path(run.cfg.out) / "checkpoint.safetensors", run.model, run.ctx.names,
+                                         run.cfg, run.state, optimizer=run.optimizer, scaler=run.scaler),
+                  run.rt, run.clock)
 
 
 def train_epoch(run: FinetuneRun, stop: StopSignal) -> bool:
-    """The guarded steps of the current epoch from its saved position (a non-finite loss on any
-    rank skips the step on every rank and leaves the model as it was), with a checkpoint every
-    --save-every steps or --save-every-minutes; returns True when a signal stops the run (after
-    the current step, on every rank; the caller saves)."""
+    """The guarded steps of the current epoch from its saved position (runtime.guarded_step: a
+    non-finite loss on any rank skips the step on every rank and leaves the model as it was), with
+    a checkpoint every --save-every steps or --save-every-minutes; returns True when a signal stops
+    the run (after the current step, on every rank; the caller saves)."""
     cfg, rt, state = run.cfg, run.rt, run.state
     if state["batch_in_epoch"] == run.steps_per_epoch:  # saved after its last step, before its end
         return False
-    total, stopping = cfg.epochs * run.steps_per_epoch, False
+    total, stopping, micro = cfg.epochs * run.steps_per_epoch, False, run.micro_batch
     stream = iter(make_train_stream(run.dataset, cfg.batch_size // rt.world, cfg.seed, state["epoch"],
                                     state["batch_in_epoch"], cfg.workers))
     run.model.train()
@@ -617,20 +652,16 @@ def train_epoch(run: FinetuneRun, stop: StopSignal) -> bool:
             continue
         set_lr(run.optimizer, lr_factor(state["step"], total, cfg.warmup))
         seed_step(cfg.seed, rt.rank, state["step"])
-        buffers = snapshot_buffers(run.model)
-        with rt.autocast():
-            loss = run.runner(batch.to(rt.device, non_blocking=True))
-        bad, stopping, timed = any_rank([not torch.isfinite(loss).item(), stop.received is not None,
-                                         run.clock.due()], rt)
-        if not bad:
-            run.scaler.scale(loss).backward()
-        finish_step(run.model, run.optimizer, run.scaler, cfg.clip_grad, buffers, finite=not bad)
+        micro_batches = batch.split(micro) if micro < len(batch) else [batch]
+        _, bad, (stopping, timed), means = guarded_step(
+            run, (b.to(rt.device, non_blocking=True) for b in micro_batches), len(micro_batches),
+            lambda runner, b: dict(loss=runner(b)), [stop.received is not None, run.clock.due()])
         state["step"] += 1
         if bad:
             state["skipped_steps"] += 1
             print0(rt, f"step {state['step'] - 1}: non-finite loss, step skipped ({state['skipped_steps']} so far)")
         else:
-            state["epoch_losses"].append(loss.item())
+            state["epoch_losses"].append(means["loss"])
             bar.set_postfix(loss=f"{state['epoch_losses'][-1]:.4f}")
         if stopping:
             break
@@ -713,7 +744,11 @@ def parse_args(argv=None) -> FinetuneConfig:
     return dataclass_cli(FinetuneConfig, argv, __doc__.split("\n")[0], {
         "task": f"one of {sorted(TASKS)}",
         "init": "pre-training (or fine-tuned) checkpoint; the model Config comes from it",
-        "batch_size": "global batch; lower it (32, 16) if you run out of memory",
+        "batch_size": "global batch per step (the recipe's); keep it and lower --micro-batch if you run out of memory",
+        "micro_batch": "per-process rows per forward; gradients accumulate up to the global batch (same update "
+                       "for per-sample-mean losses; retrieval's ITC negatives are then the micro-batch's)",
+        "freeze": "'encoders': ViT and text encoder fixed; 'backbone': all of PTUnifier fixed, only the task "
+                  "layers train (linear probing); frozen parts run in eval mode and get no optimizer state",
         "max_steps_per_epoch": "cap steps per epoch (quick checks; None: the whole split)",
         "itm_rerank": "retrieval: K > 0 re-ranks the top-K ITC candidates with ITM pair passes",
         "resume": "continue exactly from OUT/checkpoint.safetensors, which must exist; '--resume auto': "

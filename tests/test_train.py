@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import runtime
 import synth
 import train
 from checkpoint import read_checkpoint
@@ -351,16 +352,22 @@ def test_lr_schedule_holds_at_the_peak_until_decay_from():
     assert train.lr_factor(99, 100, 0.1, decay_from=0.05) == pytest.approx(1 / 90)
 
 
-def test_accumulated_gradients_are_the_mean_of_the_micro_steps(synth_dir, tmp_path):
+def test_accumulated_gradients_are_the_mean_of_the_micro_steps(synth_dir, tmp_path, monkeypatch):
     """--batch-size 8 --micro-batch 4: the gradient of one step, accumulated over its two
-    micro-batches, is the mean of the two micro-batches' gradients computed one at a time."""
+    micro-batches (what runtime.guarded_step hands to the update), is the mean of the two
+    micro-batches' gradients computed one at a time."""
     cfg = train.parse_args(run_args(synth_dir, tmp_path, "--steps", "1", "--micro-batch", "4", "--itc-warmup", "0"))
     run = train.start_run(cfg, setup_runtime("cpu"))
     assert run.accum == 2
     micro = [next(run.batches), next(run.batches)]
-    run.batches = iter(micro)
-    train.accumulate_gradients(run, itc_only=False)
-    accumulated = {n: p.grad.clone() for n, p in run.model.named_parameters() if p.grad is not None}
+    run.batches, accumulated = iter(micro), {}
+    monkeypatch.setattr(runtime, "finish_step", lambda model, *rest, **kw: accumulated.update(
+        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    stop = train.StopSignal()
+    try:
+        train.train_step(run, stop)
+    finally:
+        stop.restore()
     step, separate = train.PretrainStep(run.model, LossWeights()), []
     for batch in micro:
         run.model.zero_grad()
