@@ -480,3 +480,31 @@ def test_freeze_backbone_leaves_retrievals_heads_trainable(bench):
     b = model.backbone
     heads = {id(p) for m in (b.itc_image, b.itc_text, b.itm_head) for p in m.parameters()}
     assert {id(p) for p in model.parameters() if p.requires_grad} == heads
+
+
+def test_a_fine_tuning_step_reads_the_device_once(bench, tmp_path, monkeypatch):
+    """The fine-tune's step is the pre-training's guarded step: one read from the device (the
+    verdict's `tolist`) per step, where it used to read the loss twice."""
+    from test_step import SyncCounter
+    root, _ = bench
+    reads = []
+
+    def counted(*args, **kw):
+        with SyncCounter() as counter:
+            out = runtime.guarded_step(*args, **kw)
+        reads.append(counter.syncs)
+        return out
+    monkeypatch.setattr(ft, "guarded_step", counted)
+    one_step(root, tmp_path, "reads", task="ic", max_steps_per_epoch=2)
+    assert reads == [["tolist"], ["tolist"]]
+
+
+def test_a_non_finite_fine_tuning_loss_skips_the_step_and_leaves_the_model_as_it_was(bench, tmp_path, monkeypatch):
+    root, _ = bench
+    monkeypatch.setitem(ft.TASKS, "ic", dataclasses.replace(ft.TASKS["ic"], loss=lambda out, b: out.sum() * math.nan))
+    run = one_step(root, tmp_path, "nan", task="ic")
+    assert run.state["skipped_steps"] == 1 and run.state["step"] == 1 and run.state["epoch_losses"] == []
+    loaded = read_checkpoint(root / "pre.safetensors")[1]
+    for name, value in run.model.backbone.state_dict().items():  # parameters and BatchNorm statistics
+        assert torch.equal(value, loaded["model/" + name]), name
+    assert not run.optimizer.state
