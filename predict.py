@@ -52,8 +52,8 @@ from tqdm import tqdm
 import synth
 from checkpoint import CheckpointError, atomic_save, load_pretrained
 from data import Batch, UnreadableImage, image_to_tensor, load_image
-from finetune import FinetuneConfig, generate_texts, load_finetuned, vocabulary_mismatch
 from runtime import Runtime, setup_runtime
+from tasks import Decoding, generate_texts, load_finetuned, vocabulary_mismatch
 from tokenizer import Tokenizer, clean_text, locate_tokenizer
 from zeroshot import default_label_sentences, image_embeddings, present_probabilities, sentence_embeddings
 
@@ -118,7 +118,7 @@ class Predictor:
         saved = meta.get("finetune") or {}
         self.kind = saved.get("task", "pretrain")     # pretrain, or the fine-tuned task
         self.outputs = list(saved.get("outputs", []))  # the head's classes or answers
-        self.run = FinetuneConfig(**saved["config"]) if saved else None  # its decoding settings
+        self.run = Decoding.of(saved["config"]) if saved else None  # its decoding settings
         self.batch_size, self.skip_bad, self.progress = batch_size, skip_bad, progress
         self.skipped: list[str] = []  # every unreadable image skipped so far (with skip_bad)
 

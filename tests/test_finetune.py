@@ -19,6 +19,7 @@ import torch
 import finetune as ft
 import runtime
 import synth
+import tasks
 from checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from data import TaskDataset, make_loader, read_manifest, stratified_subset, write_manifest
 from losses import itc_loss
@@ -80,7 +81,7 @@ def test_head_loss_and_input_kind(bench, task):
             torch.testing.assert_close(loss, itc_loss(image_emb, text_emb, scale))
             return
         assert outputs.shape == (6, n)
-        fused = model.backbone(**ft.INPUTS[spec.inputs](batch))
+        fused = model.backbone(**tasks.INPUTS[spec.inputs](batch))
         torch.testing.assert_close(outputs, model.head(fused.joint))  # the head reads the joint 2H
     y = batch.labels
     if task == "tc":  # the encoded pair, visual prompts for the image
@@ -104,7 +105,7 @@ def test_decoder_head_teacher_forcing_loss(bench, task):
     batch = first_batch(root, tok, task)
     with torch.no_grad():
         logits, loss = model.outputs(batch), model(batch)
-        fused = model.backbone(**ft.INPUTS[ft.TASKS[task].inputs](batch))
+        fused = model.backbone(**tasks.INPUTS[ft.TASKS[task].inputs](batch))
     B, T = batch.target_ids.shape
     assert logits.shape == (B, T - 1, tok.vocab_size)
     assert (fused.image_prompt_indices is not None) == (task == "ts")  # ts: text + visual prompts
