@@ -491,13 +491,21 @@ def show(command: str, rows: list[dict], args) -> None:
                            "nli": ["premise", "hypothesis", "label"]}[command])
 
 
+def positive(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least 1, got {text}")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--checkpoint", required=True, help="a pre-training checkpoint (checkpoint.safetensors) or "
                         "a fine-tuned one (best.safetensors of finetune.py)")
     common.add_argument("--tokenizer", help="tokenizer.json or folder (default: the one the checkpoint's run read)")
     common.add_argument("--jsonl", help="write one JSON object per input to this file instead of printing a table")
-    common.add_argument("--batch-size", type=int, default=64, help="inputs per forward pass; lower it (16, 4) "
+    common.add_argument("--batch-size", type=positive, default=64, help="inputs per forward pass; lower it (16, 4) "
                         "if you run out of memory")
     common.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when present")
     common.add_argument("--skip-bad", action="store_true", help="skip unreadable images and list them at the "
@@ -520,7 +528,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     query.add_argument("--queries", metavar="F", help="text queries, one a line (one model load for all)")
     query.add_argument("--image-query", nargs="+", metavar="P", help="images as queries, against --texts-file")
     p.add_argument("--texts-file", metavar="F", help="with --image-query: the texts to rank, one a line")
-    p.add_argument("--top", type=int, default=5, help="hits per query")
+    p.add_argument("--top", type=positive, default=5, help="hits per query")
     p.add_argument("--sheet", metavar="S.png", help="draw the hits of the first 6 queries as a contact sheet")
 
     p = sub.add_parser("classify", parents=[common], help="findings per image: zero-shot, or a fine-tuned ic head")

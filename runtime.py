@@ -71,6 +71,11 @@ class Runtime:
 
 def setup_runtime(device: str = "auto") -> Runtime:
     """Detect torchrun from its environment variables; NCCL on CUDA, gloo on CPU."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise SystemExit(f"--device {device!r}: expected auto, cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device cuda: no CUDA device is visible to torch {torch.__version__} (built for CUDA "
+                         f"{torch.version.cuda or 'no CUDA: a CPU build'}); use --device cpu or auto")
     want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

@@ -411,3 +411,26 @@ def test_foreign_or_corrupt_checkpoints_get_the_loaders_error(bench, tmp_path):
                             tmp_path / "other.json")
     with pytest.raises(CheckpointError, match=rf"vocab_size={tok.vocab_size}.*vocab_size={other.vocab_size}"):
         load(root / "pre.safetensors", tokenizer=tmp_path / "other.json")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--top", "0"], "argument --top: expected an integer of at least 1, got 0"),
+    (["--batch-size", "0"], "argument --batch-size: expected an integer of at least 1, got 0"),
+    (["--batch-size", "-3"], "argument --batch-size: expected an integer of at least 1, got -3"),
+])
+def test_flags_out_of_range_are_refused_by_name(bench, capsys, flags, message):
+    root, _, _ = bench
+    paths, _ = paths_of(root, "ic")
+    with pytest.raises(SystemExit):
+        predict.main(["search", "--checkpoint", str(root / "pre.safetensors"), "--images", str(paths[0]),
+                      "--query", "an effusion", *flags])
+    assert message in capsys.readouterr().err
+
+
+def test_device_cuda_without_cuda_says_so(bench, monkeypatch):
+    root, _, _ = bench
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without CUDA
+    paths, _ = paths_of(root, "ic")
+    with pytest.raises(SystemExit, match="--device cuda: no CUDA device is visible to torch .*use --device cpu or auto"):
+        predict.main(["search", "--checkpoint", str(root / "pre.safetensors"), "--images", str(paths[0]),
+                      "--query", "an effusion", "--device", "cuda"])
