@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,7 +21,7 @@ import finetune as ft
 import runtime
 import synth
 import tasks
-from checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from checkpoint import CheckpointError, load_pretrained, read_checkpoint, save_checkpoint
 from data import TaskDataset, make_loader, read_manifest, stratified_subset, write_manifest
 from losses import itc_loss
 from model import PTUnifier
@@ -160,11 +161,34 @@ def test_short_run_writes_results_and_evaluates_test_once(bench, tmp_path, monke
     assert saved["select"] in saved["test"] and saved["select"] in saved["history"][0]["val"]
     assert set(saved["n"]) == {"train", "val", "test"}
     assert (tmp_path / "best.safetensors").is_file()
+    assert saved["best_val"] == saved["history"][0]["val"][saved["select"]]
+    assert math.isfinite(saved["history"][0]["train_loss"])
+    assert saved["n"]["test"] == len(read_manifest(root / task, "test")[0])
+    if task in ("ic", "tc"):  # the test score recomputed from best.safetensors, by scikit-learn
+        assert saved["test"][saved["select"]] == pytest.approx(sklearn_test_score(root, tmp_path, task), abs=1e-6)
     if task in ("ts", "itg"):
         nlg = {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider", "meteor", "meteor_error"}
         assert nlg <= set(saved["test"]) and nlg <= set(saved["history"][0]["val"])
         assert saved["history"][0]["val"]["meteor"] is None  # METEOR only on the final test
         assert "with_meteor=False" not in str(saved["test"]["meteor_error"])
+
+
+def sklearn_test_score(root, out, task) -> float:
+    """Macro AUROC (ic, over classes with both labels) or accuracy (tc) of OUT/best.safetensors on
+    the test split, with scikit-learn on the head's outputs."""
+    from sklearn.metrics import accuracy_score, roc_auc_score
+    backbone, meta, tensors = load_pretrained(out / "best.safetensors")
+    model = tasks.load_finetuned(out / "best.safetensors", backbone, meta, tensors).eval()
+    tok = Tokenizer.load(root / "tokenizer.json")
+    ds = TaskDataset(root / task, "test", tok, backbone.config.image_size, backbone.config.max_text_len, train=False)
+    with torch.no_grad():
+        outputs, labels = zip(*[(model.outputs(b).float(), b.labels) for b in
+                                make_loader(ds, 5, train=False, seed=0, distributed=False, num_workers=0)])
+    outputs, labels = torch.cat(outputs).numpy(), torch.cat(labels).numpy()
+    if task == "tc":
+        return accuracy_score(labels, outputs.argmax(1))
+    both = [c for c in range(labels.shape[1]) if 0 < labels[:, c].sum() < len(labels)]
+    return float(np.mean([roc_auc_score(labels[:, c], outputs[:, c]) for c in both]))
 
 
 def test_best_epoch_is_chosen_on_val_and_test_uses_its_checkpoint(bench, tmp_path, monkeypatch):
