@@ -6,9 +6,9 @@
 
 One optimisation step (step.PretrainStep) runs four fusion passes over a batch of B image-text
 pairs, MLM, ITM and the image-only and text-only passes of ITC, and minimises the weighted sum of
-the three losses (Eq. 1). The step reads nothing back from the device: the loop reads its losses
-once per step, at its end, for the finiteness guard (`runtime.guarded_step`), and writes them to
-metrics.jsonl every --log-every steps. `--compile` (default on CUDA) compiles the step whole.
+the three losses (Eq. 1). In one process the step reads nothing back from the device (step.py says
+what DDP adds): the loop reads its losses once per step, at its end, for the finiteness guard
+(`runtime.guarded_step`), and writes them to metrics.jsonl every --log-every steps. `--compile` (default on CUDA) compiles the step whole.
 
 From scratch (the tiny preset), the run starts with passes 3-4 only (ITC alone, "align before
 fuse"): with MLM from the first step, the pooled features that ITC and ITM read stay identical
