@@ -201,19 +201,19 @@ def test_zero_shot_classify_equals_zero_shot_class_scores(bench, capsys):
     root, tok, model = bench
     paths, records = paths_of(root, "ic")
     p = load(root / "pre.safetensors")
-    rows = p.classify(paths)
+    rows = p.zero_shot_classify(paths)
     scores, _, classes = zero_shot_class_scores(model, root / "ic", "test", tok, CPU, BATCH, num_workers=0)
     assert classes == synth.IC_CLASSES and [r["path"] for r in rows] == [str(x) for x in paths]
     assert np.array_equal(np.array([[r["scores"][c] for c in classes] for r in rows]), scores)
 
     custom = {c: (f"Findings show {c}.", f"No {c} is seen.") for c in classes}
-    rows = p.classify(paths, [f"{pos} | {neg}" for pos, neg in custom.values()])
+    rows = p.zero_shot_classify(paths, [f"{pos} | {neg}" for pos, neg in custom.values()])
     scores, _, _ = zero_shot_class_scores(model, root / "ic", "test", tok, CPU, BATCH, prompts=custom, num_workers=0)
     assert np.array_equal(np.array([list(r["scores"].values()) for r in rows]), scores)
 
     # Plain sentences share one softmax: recomputed here one input at a time through the model.
     labels = ["There is a large effusion.", "The lungs are clear.", "A device is present."]
-    rows = p.classify(paths[:3], labels)
+    rows = p.zero_shot_classify(paths[:3], labels)
     with torch.no_grad():
         text = torch.cat([model.itc_text(model(input_ids=tok.encode([s], 64)[0]).joint) for s in labels])  # [3, E]
         for r, path in zip(rows, paths):
@@ -305,7 +305,7 @@ def test_bad_images_are_named_or_skipped(bench, tmp_path, capsys):
     p = load(root / "pre.safetensors")
     for name, bad in bad_images(tmp_path, paths[0]).items():
         with pytest.raises(UnreadableImage, match=str(bad)):
-            p.classify([paths[0], bad])
+            p.zero_shot_classify([paths[0], bad])
     with pytest.raises(SystemExit, match=f"predict.py search: {bad}: cannot decode image"):
         predict.main(["search", "--checkpoint", str(root / "pre.safetensors"), "--device", "cpu",
                       "--images", str(paths[0]), str(bad), "--query", "a left pleural effusion"])
@@ -313,7 +313,7 @@ def test_bad_images_are_named_or_skipped(bench, tmp_path, capsys):
     bad = list(bad_images(tmp_path, paths[0]).values())
     skipping = load(root / "pre.safetensors", skip_bad=True)
     mixed = [bad[0], paths[0], bad[1], paths[1], paths[2], bad[2], bad[3], paths[3]]
-    kept, expected = skipping.classify(mixed), p.classify(paths[:4])  # batches differ: the last bits may
+    kept, expected = skipping.zero_shot_classify(mixed), p.zero_shot_classify(paths[:4])  # batches differ: the last bits may
     assert [r["path"] for r in kept] == [r["path"] for r in expected]
     for a, b in zip(kept, expected):
         assert a["scores"] == pytest.approx(b["scores"], abs=1e-6)
@@ -334,7 +334,7 @@ def test_empty_texts_are_refused_by_name(bench, finetuned, tmp_path):
     with pytest.raises(PredictError, match="query 2 is empty"):
         p.search(["a left effusion", " \t"], paths)
     with pytest.raises(PredictError, match="label 1 is empty"):
-        p.classify(paths, ["", "There is a device."])
+        p.zero_shot_classify(paths, ["", "There is a device."])
     with pytest.raises(SystemExit, match="query 1 is empty"):
         predict.main(["search", "--checkpoint", str(root / "pre.safetensors"), "--images", str(paths[0]),
                       "--query", ""])
@@ -385,8 +385,10 @@ def test_checkpoints_of_the_wrong_kind_are_refused(bench, finetuned):
             predict.main([command, "--checkpoint", str(finetuned["ic"][0]), "--device", "cpu", *args])
     with pytest.raises(PredictError, match="ITC space of a pre-training or retrieval checkpoint; .* for vqa"):
         load(finetuned["vqa"][0]).search("an effusion", paths)
-    with pytest.raises(PredictError, match="scores its own findings"):
-        load(finetuned["ic"][0]).classify(paths, ["There is effusion. | There is no effusion."])
+    with pytest.raises(PredictError, match="zero-shot classify reads the ITC space .* fine-tuned for ic"):
+        load(finetuned["ic"][0]).zero_shot_classify(paths, ["There is effusion. | There is no effusion."])
+    with pytest.raises(PredictError, match=r"classify needs a checkpoint fine-tuned .*--task ic\).*pre-training"):
+        load(root / "pre.safetensors").classify(paths)
 
 
 def test_foreign_or_corrupt_checkpoints_get_the_loaders_error(bench, tmp_path):
