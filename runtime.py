@@ -252,8 +252,7 @@ def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
 def adamw(groups: list[dict], device: torch.device) -> torch.optim.AdamW:
     """AdamW as the paper sets it (betas 0.9 / 0.98, eps 1e-8) over parameter groups; each group
     keeps its rate as `base_lr`, which the schedule scales. The fused kernel on CUDA and on the
-    CPU (on the CPU a quarter of the for-loop version's time for the tiny model: 3.1 vs 13.5 ms
-    a step, docs/NOTES.md 4.10)."""
+    CPU (faster there too: docs/NOTES.md 4.10)."""
     for g in groups:
         g["base_lr"] = g["lr"]
     return torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-8, fused=device.type in ("cuda", "cpu"))
