@@ -127,7 +127,7 @@ def fusion_flops(cfg: Config, batch: int, lt: int, li: int) -> int:
 
 
 def mlm_fusion_flops(cfg: Config, batch: int, lt: int, li: int, positions: int) -> int:
-    """The MLM pass's fusion (step.fused_text_at): every layer but the last in full; the last runs
+    """The MLM pass's fusion (Fusion.forward's text_rows): every layer but the last in full; the last runs
     the text stream's self-attention on all Lt tokens and its cross-attention queries and FFN on
     the `positions` MLM positions of each text only; no last image-stream layer, no poolers."""
     H, M, rows = cfg.hidden_size, cfg.fusion_mlp, batch * positions
@@ -158,7 +158,7 @@ def step_flops(cfg: Config, batch: int, text_len: int, reuse=True, positions: in
     forward-only counts under "forward". Convention in the module docstring (multiply-add = 2).
     The four passes (step.py): 1. MLM text + image, 2. ITM text + (other) image, 3. image +
     textual prompts (k_t + 2 tokens), 4. text + visual prompts (1 + k_v tokens). The ViT runs on
-    the true images once with reuse (3 times without) plus once on the visual prompts; the text
+    the true images once (both paths) plus once on the visual prompts; the text
     encoder on the true texts twice with reuse where it has no dropout (3 times otherwise: MLM's
     masked texts, ITM's and the text-only pass's) plus once on the textual prompts. With reuse the
     MLM pass fuses only the rows its head reads (mlm_fusion_flops); the plain step fuses all. The
@@ -169,10 +169,9 @@ def step_flops(cfg: Config, batch: int, text_len: int, reuse=True, positions: in
     lp_t, lp_v = cfg.k_textual + 2, 1 + cfg.k_visual  # [<s>, prompts, </s>] and [CLS, prompts]
     P = typical_positions(L) if positions is None else positions
     H, E = cfg.hidden_size, cfg.embed_dim
-    image_passes = 1 if reuse else 3
     text_passes = 2 if reuse and cfg.text_dropout == 0 else 3
     fwd = {
-        "vision": image_passes * vision_flops(cfg, B, li, True) + vision_flops(cfg, B, lp_v, False),
+        "vision": vision_flops(cfg, B, li, True) + vision_flops(cfg, B, lp_v, False),
         "text": text_passes * text_flops(cfg, B, L) + text_flops(cfg, B, lp_t),
         "fusion": ((mlm_fusion_flops(cfg, B, L, li, P) if reuse else fusion_flops(cfg, B, L, li))
                    + fusion_flops(cfg, B, L, li) + fusion_flops(cfg, B, lp_t, li) + fusion_flops(cfg, B, L, lp_v)),

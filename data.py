@@ -466,6 +466,19 @@ class Batch:
         """A copy with every tensor moved to `device`."""
         return dataclasses.replace(self, **{k: v.to(device, non_blocking=non_blocking) for k, v in self.tensors().items()})
 
+    def split(self, size: int) -> list["Batch"]:
+        """Consecutive micro-batches of at most `size` rows (fine-tuning's gradient accumulation; a
+        pre-training batch, whose ITM pairs index its own rows, is refused)."""
+        if self.itm_image_index is not None:
+            raise ValueError("a pre-training batch cannot be split: its ITM pairs index its own rows")
+
+        def rows(value, i):
+            return value[i:i + size] if torch.is_tensor(value) or isinstance(value, list) else value
+        names = [f.name for f in dataclasses.fields(self) if f.name != "skipped"]
+        return [dataclasses.replace(self, skipped=self.skipped if i == 0 else [],
+                                    **{n: rows(getattr(self, n), i) for n in names})
+                for i in range(0, len(self), size)]
+
     def pin_memory(self) -> "Batch":
         """A copy with every tensor in page-locked memory, from which a non_blocking copy to the GPU
         leaves the host free (a DataLoader with pin_memory=True calls this)."""

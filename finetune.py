@@ -3,27 +3,18 @@
     python finetune.py --task ic --data data/synth/ic --init runs/pretrain/checkpoint.safetensors
     torchrun --nproc_per_node=8 finetune.py --task vqa --data data/vqa-rad --init ckpt.safetensors
 
-One backbone serves every task; a missing modality is filled by prompts (paper 3.2, Eq. 3-4):
-
-| task      | input of the fusion pass          | head on top                  | loss         | metric (selection)  |
-|-----------|-----------------------------------|------------------------------|--------------|---------------------|
-| ic        | image + textual prompts           | ClassifierHead(2H, classes)  | BCE          | macro AUROC         |
-| tc        | text pair + visual prompts        | ClassifierHead(2H, classes)  | CE           | accuracy            |
-| vqa       | image + question                  | ClassifierHead(2H, answers)  | BCE x A      | accuracy (overall)  |
-| ts        | source text + visual prompts      | TextDecoder on fused streams | token CE     | ROUGE-L             |
-| itg       | image + textual prompts           | TextDecoder on fused streams | token CE     | BLEU-4              |
-| retrieval | image-only and text-only passes   | ITC projections (+ ITM)      | ITC (Eq. 9-10) | mean R@1/5/10     |
-
-Each task is one `Task` record below (input kind, head, loss, selection key); the loop, the
-optimiser and the checkpointing are shared. The recipe (paper 5.3; the defaults per preset and
-task are in recipes.py, taken from the preset the --init checkpoint was pre-trained with): AdamW
-betas (0.9, 0.98), weight decay 0.01 except biases/norms/embeddings/pools, the backbone at 5e-6 and
-the task layers (classifier heads, the whole generation decoder; for retrieval the ITC/ITM heads)
-at 2.5e-4, linear warm-up over 10% of the steps then linear decay, gradient clipping, mixed
-precision and DDP as in train.py (runtime.py). Every epoch ends with an evaluation on val; the
-best epoch by the task's selection metric is written to OUT/best.safetensors (a later, worse epoch
-never touches it); the test split is evaluated once, at the end, on that checkpoint, and never
-used for selection. OUT/results.json holds the outcome.
+One backbone serves every task; a missing modality is filled by prompts (paper 3.2, Eq. 3-4). Each
+task is one `Task` record of tasks.py (input kind, head, loss, selection key); the loop is shared
+with train.py (runtime.guarded_step: DDP, mixed precision, `--micro-batch` accumulation, the
+non-finite guard). The recipe (paper 5.3; the defaults per preset and task are in recipes.py,
+taken from the preset the --init checkpoint was pre-trained with): AdamW betas (0.9, 0.98), weight
+decay 0.01 except biases/norms/embeddings/pools, the backbone at 5e-6 and the task layers
+(classifier heads, the whole generation decoder; for retrieval the ITC/ITM heads) at 2.5e-4,
+linear warm-up over 10% of the steps then linear decay, gradient clipping; `--freeze
+encoders|backbone` keeps those parts as loaded (linear probing). Every epoch ends with an
+evaluation on val; the best epoch by the task's selection metric is written to
+OUT/best.safetensors (a later, worse epoch never touches it); the test split is evaluated once,
+at the end, on that checkpoint, and never used for selection. OUT/results.json holds the outcome.
 
 Interruptions (as in train.py): OUT/checkpoint.safetensors holds everything a fine-tune needs to
 continue (weights, optimizer, the position in the epoch, the epochs' history and the best so far),
@@ -46,88 +37,27 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from checkpoint import (CheckpointError, check_resume, load_model_state, load_optimizer_state,
                         load_pretrained, read_checkpoint, read_metadata, save_checkpoint)
 from data import SkipTracker, TaskDataset, make_loader, make_train_stream, read_meta, stratified_subset
-from generation import TextDecoder, generate, generation_memory
-from losses import itc_loss
 from metrics import accuracy, class_aurocs, nlg_metrics, recall_at_k, vqa_accuracy
-from model import ClassifierHead, Encoded, PTUnifier, param_groups
+from model import Encoded, PTUnifier, param_groups
 from recipes import build_model, recipe, with_defaults
-from runtime import (Runtime, SaveClock, StopSignal, adamw, any_rank, barrier, check_resume_mode, cleanup,
-                     dataclass_cli, finish_step, lr_factor, print0, resume_point, seed_everything, seed_step, set_lr,
-                     setup_runtime, snapshot_buffers)
+from runtime import (Runtime, SaveClock, StopSignal, adamw, check_resume_mode, cleanup, dataclass_cli, guarded_step,
+                     lr_factor, print0, resume_point, save_on_rank0, seed_everything, seed_step, set_lr,
+                     setup_runtime, wrap_ddp, write_run_config)
+from tasks import FREEZE, TASKS, FinetuneModel, Task, generate_texts, load_task_modules, vocabulary_mismatch
 from tokenizer import Tokenizer, locate_tokenizer
 from zeroshot import embed_retrieval
 
-# ----------------------------------------------------------------------------- the tasks
+# ----------------------------------------------------------------------------- the run's configuration
 
-
-def classification_loss(logits, batch):
-    """Multi-label / binary IC: mean BCE with logits over [B, C]."""
-    return F.binary_cross_entropy_with_logits(logits.float(), batch.labels)
-
-
-def softmax_loss(logits, batch):
-    """Single-label TC: cross-entropy of logits [B, C] against class ids [B]."""
-    return F.cross_entropy(logits.float(), batch.labels)
-
-
-def vqa_loss(logits, batch):
-    """VQA: BCE with logits on soft answer targets [B, A], summed over answers, mean over the
-    batch (METER / the official code multiply the mean by A, which is the same thing)."""
-    return F.binary_cross_entropy_with_logits(logits.float(), batch.labels) * batch.labels.shape[1]
-
-
-def caption_loss(logits, batch):
-    """Teacher forcing: logits [B, T-1, V] predict target_ids[:, 1:]; padding is ignored."""
-    target = batch.target_ids[:, 1:].masked_fill(batch.target_mask[:, 1:] == 0, -100)  # [B, T-1]
-    return F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100)
-
-
-def contrastive_loss(outputs, batch):
-    """ITC (Eq. 9-10) between the image-only and the text-only pass embeddings."""
-    image_emb, text_emb, scale = outputs
-    return itc_loss(image_emb, text_emb, scale)
-
-
-@dataclass(frozen=True)
-class Task:
-    """What distinguishes one downstream task from another."""
-    name: str
-    inputs: str          # "image" (+ textual prompts), "text" (+ visual prompts), "pair", "dual"
-    head: str            # "classifier" (ClassifierHead on the joint 2H feature), "decoder", "itc"
-    loss: Callable       # (head outputs, Batch) -> scalar
-    select: str          # key of the val metrics that picks the best epoch (higher is better)
-    outputs: str = ""    # meta.json key whose length is the classifier's output size
-    stratum: str = ""    # record field whose value stratifies a --train-fraction subset ("": none)
-
-
-TASKS = {
-    "ic": Task("ic", "image", "classifier", classification_loss, "macro_auroc", "classes", "labels"),
-    "tc": Task("tc", "text", "classifier", softmax_loss, "accuracy", "classes", "label"),
-    "vqa": Task("vqa", "pair", "classifier", vqa_loss, "overall", "answers", "answer"),
-    "ts": Task("ts", "text", "decoder", caption_loss, "rouge_l"),
-    "itg": Task("itg", "image", "decoder", caption_loss, "bleu_4"),
-    "retrieval": Task("retrieval", "dual", "itc", contrastive_loss, "mean_recall"),
-}
-
-# Fusion-pass arguments per input kind (the model prompts whatever is missing).
-INPUTS = {
-    "image": lambda b: dict(pixel_values=b.pixel_values),
-    "text": lambda b: dict(input_ids=b.input_ids, attention_mask=b.attention_mask),
-    "pair": lambda b: dict(pixel_values=b.pixel_values, input_ids=b.input_ids,
-                           attention_mask=b.attention_mask),
-}
 
 @dataclass
 class FinetuneConfig:
@@ -140,7 +70,11 @@ class FinetuneConfig:
     preset: str = "tiny"            # the recipe; with --init, the preset the checkpoint was trained with
     tokenizer: str | None = None    # tokenizer.json / folder; default: tokenizer.json beside the data
     epochs: int | None = None       # passes over the training split
-    batch_size: int | None = None   # global batch
+    batch_size: int | None = None   # global batch per optimisation step
+    micro_batch: int | None = None  # per-process batch per forward, gradients accumulated up to the
+                                    # global batch (None: batch / processes); lower it to save memory
+    freeze: str = "none"            # "encoders": the ViT and text encoder stay as loaded; "backbone":
+                                    # all of PTUnifier (linear probing: only the task layers train)
     lr_backbone: float | None = None  # the pre-trained PTUnifier (paper 5e-6)
     lr_task: float | None = None    # new task layers (paper 2.5e-4)
     weight_decay: float = 0.01      # AdamW decay of the weight matrices (paper 5.3)
@@ -173,6 +107,8 @@ class FinetuneConfig:
         checkpoint was pre-trained with (its metadata), else --preset."""
         if self.task not in TASKS:
             raise SystemExit(f"--task {self.task!r}: expected one of {sorted(TASKS)}")
+        if self.freeze not in FREEZE:
+            raise SystemExit(f"--freeze {self.freeze!r}: expected one of {FREEZE}")
         if self.missing not in ("prompts", "blank"):
             raise SystemExit(f"--missing {self.missing!r}: expected 'prompts' or 'blank'")
         check_resume_mode(self.resume)
@@ -185,64 +121,6 @@ class FinetuneConfig:
 
 
 # ----------------------------------------------------------------------------- the model
-
-
-class FinetuneModel(nn.Module):
-    """The PTUnifier backbone plus the task's new modules; forward(batch) -> loss, so that DDP wraps
-    a single forward."""
-
-    def __init__(self, backbone: PTUnifier, task: Task, n_outputs: int = 0, blank: bool = False):
-        super().__init__()
-        self.backbone, self.task, self.blank = backbone, task, blank
-        self.head = ClassifierHead(2 * backbone.config.hidden_size, n_outputs) \
-            if task.head == "classifier" else None
-        self.decoder = TextDecoder.from_encoder(backbone) if task.head == "decoder" else None
-
-    def task_modules(self) -> dict[str, nn.Module]:
-        """The new modules saved under "task/" (the backbone is saved under "model/")."""
-        return {name: m for name, m in (("head", self.head), ("decoder", self.decoder))
-                if m is not None}
-
-    def new_parameters(self) -> set[int]:
-        """ids of the parameters trained at lr_task: the task modules (the classifier head; the
-        whole decoder: its copies of the text encoder must learn to write, not to fill masks,
-        and do not at the backbone rate, docs/NOTES.md), and for retrieval the
-        pre-trained ITC/ITM heads."""
-        if self.task_modules():
-            return {id(p) for m in self.task_modules().values() for p in m.parameters()}
-        b = self.backbone
-        return {id(p) for m in (b.itc_image, b.itc_text, b.itm_head) for p in m.parameters()}
-
-    def fusion_inputs(self, batch) -> dict:
-        """The fusion pass's inputs: the task's modalities, the missing one prompted; with `blank`
-        the missing one is a blank input instead: the empty text [<s>, </s>], or a constant image
-        (zeros after the CLIP normalisation: the mean colour)."""
-        inputs = INPUTS[self.task.inputs](batch)
-        if self.blank and "input_ids" not in inputs:
-            cfg = self.backbone.config
-            ends = torch.tensor([[cfg.bos_token_id, cfg.eos_token_id]], device=batch.pixel_values.device)
-            inputs["input_ids"] = ends.expand(len(batch), 2)  # [B, 2]
-        if self.blank and "pixel_values" not in inputs:
-            size = self.backbone.config.image_size
-            inputs["pixel_values"] = batch.input_ids.new_zeros(len(batch), 3, size, size, dtype=torch.float)
-        return inputs
-
-    def outputs(self, batch):
-        """The head's outputs: classifier logits [B, n]; decoder logits [B, T-1, V] under teacher
-        forcing; retrieval (image emb [B, E], text emb [B, E], logit scale)."""
-        b = self.backbone
-        if self.task.inputs == "dual":
-            image_only = b(pixel_values=batch.pixel_values)
-            text_only = b(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-            return b.itc_image(image_only.joint), b.itc_text(text_only.joint), b.logit_scale()
-        fused = b(**self.fusion_inputs(batch))
-        if self.head is not None:
-            return self.head(fused.joint)
-        memory, memory_mask = generation_memory(fused)
-        return self.decoder(batch.target_ids[:, :-1], memory, memory_mask)
-
-    def forward(self, batch):
-        return self.task.loss(self.outputs(batch), batch)
 
 
 def make_optimizer(model: FinetuneModel, cfg: FinetuneConfig, device: torch.device) -> torch.optim.AdamW:
@@ -273,34 +151,6 @@ def load_backbone(cfg: FinetuneConfig, tokenizer: Tokenizer) -> tuple[PTUnifier,
     return backbone, meta, tensors
 
 
-def vocabulary_mismatch(path, mcfg, tokenizer: Tokenizer, tokenizer_path) -> str | None:
-    """Why the checkpoint `path` (model Config `mcfg`) cannot read the tokenizer's ids, or None."""
-    if mcfg.vocab_size == tokenizer.vocab_size and mcfg.pad_token_id == tokenizer.pad_id:
-        return None
-    return (f"{path}: the checkpoint's vocab_size={mcfg.vocab_size} (pad id {mcfg.pad_token_id}) does "
-            f"not match the tokenizer {tokenizer_path} (vocab_size={tokenizer.vocab_size}, pad id "
-            f"{tokenizer.pad_id}); pass the tokenizer the checkpoint was pre-trained with (--tokenizer)")
-
-
-def load_task_modules(model: FinetuneModel, path, meta: dict, tensors: dict, names: list[str]) -> bool:
-    """Fill the task modules from a fine-tuned checkpoint of the same task (strict). Returns False
-    when the checkpoint has none for this task. A head of another size is a CheckpointError naming
-    both sizes."""
-    saved = meta.get("finetune") or {}
-    if saved.get("task") != model.task.name:
-        return False
-    if len(saved.get("outputs", [])) != len(names):
-        raise CheckpointError(
-            f"{path}: the checkpoint's {model.task.name} head has {len(saved['outputs'])} outputs "
-            f"({model.task.outputs}: {saved['outputs'][:8]}...), the data's meta.json has "
-            f"{len(names)} {model.task.outputs}; fine-tune from the pre-training checkpoint instead")
-    for name, module in model.task_modules().items():
-        prefix = f"task/{name}."
-        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        module.load_state_dict(state, strict=True)
-    return True
-
-
 def save_finetuned(path: Path, model: FinetuneModel, names: list[str], cfg: FinetuneConfig, state: dict,
                    val: dict | None = None, optimizer=None, scaler=None) -> None:
     """Atomic safetensors: backbone under "model/" (a valid --init), task modules under "task/";
@@ -310,18 +160,6 @@ def save_finetuned(path: Path, model: FinetuneModel, names: list[str], cfg: Fine
                     task_modules=model.task_modules(),
                     finetune=dict(task=model.task.name, outputs=names, epoch=state["epoch"], val=val,
                                   config=dataclasses.asdict(cfg)))
-
-
-def load_finetuned(path, backbone: PTUnifier, meta: dict, tensors: dict) -> FinetuneModel:
-    """The model of a fine-tuned checkpoint (OUT/best.safetensors), given what load_pretrained read
-    from it: its backbone plus the task modules, the head's outputs named in its metadata."""
-    saved = meta.get("finetune")
-    if not saved:
-        raise CheckpointError(f"{path} is not a fine-tuned checkpoint (no task head inside)")
-    model = FinetuneModel(backbone, TASKS[saved["task"]], len(saved["outputs"]),
-                          saved["config"].get("missing") == "blank")
-    load_task_modules(model, path, meta, tensors, saved["outputs"])
-    return model
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -385,16 +223,6 @@ def score_vqa(model, ctx, split) -> dict:
         golds += batch.answers
         kinds += batch.answer_types
     return dataclasses.asdict(vqa_accuracy(preds, golds, kinds, vocabulary=ctx.names))
-
-
-def generate_texts(model: FinetuneModel, batch, tokenizer: Tokenizer, cfg: FinetuneConfig) -> list[str]:
-    """The decoder's text for each input of a batch (ts: its source text, itg: its image), searched
-    with the run's settings (beams, max_gen_len, length_penalty, no_repeat_ngram)."""
-    memory, mask = generation_memory(model.backbone(**model.fusion_inputs(batch)))
-    out = generate(model.decoder, memory, mask, tokenizer.bos_id, tokenizer.eos_id,
-                   max_len=cfg.max_gen_len or model.backbone.config.max_text_len, beams=cfg.beams,
-                   length_penalty=cfg.length_penalty, no_repeat_ngram=cfg.no_repeat_ngram)
-    return [tokenizer.decode(ids) for ids in out]
 
 
 def generations(model, ctx, split) -> tuple[dict[str, str], dict[str, list[str]]]:
@@ -490,7 +318,7 @@ def evaluate_split(model: FinetuneModel, ctx: EvalContext, split: str) -> dict:
 
 # FinetuneConfig fields that must not change when a fine-tune resumes (the model and the data stream).
 RESUME_FIELDS = ("task", "data", "init", "preset", "batch_size", "max_steps_per_epoch", "train_fraction",
-                 "missing", "seed")
+                 "missing", "freeze", "seed")
 
 
 @dataclass
@@ -506,6 +334,7 @@ class FinetuneRun:
     scaler: torch.amp.GradScaler
     dataset: TaskDataset       # the training split (its --train-fraction subset)
     steps_per_epoch: int
+    micro_batch: int           # per-process rows per forward (the per-process batch: no accumulation)
     ctx: EvalContext
     skips: SkipTracker
     clock: SaveClock           # --save-every-minutes
@@ -537,7 +366,8 @@ def start_finetune(cfg: FinetuneConfig, rt: Runtime) -> FinetuneRun:
     tokenizer = Tokenizer.load(locate_tokenizer(cfg.data, cfg.tokenizer))
     backbone, init_meta, init_tensors = load_backbone(cfg, tokenizer)
     names = output_names(task, meta)
-    model = FinetuneModel(backbone, task, len(names), blank=cfg.missing == "blank").to(rt.device)
+    model = FinetuneModel(backbone, task, len(names), blank=cfg.missing == "blank",
+                          freeze=cfg.freeze).to(rt.device)
     if init_meta is not None and load_task_modules(model, cfg.init, init_meta, init_tensors, names):
         print0(rt, f"task modules loaded from {cfg.init}")
     del init_tensors
@@ -550,6 +380,10 @@ def start_finetune(cfg: FinetuneConfig, rt: Runtime) -> FinetuneRun:
         cfg = dataclasses.replace(cfg, batch_size=max(rt.world, len(train_set) // rt.world * rt.world))
     if cfg.batch_size % rt.world:
         raise SystemExit(f"--batch-size {cfg.batch_size} must be a multiple of the {rt.world} processes")
+    micro = min(cfg.micro_batch or cfg.batch_size // rt.world, cfg.batch_size // rt.world)
+    if (cfg.batch_size // rt.world) % micro:
+        raise SystemExit(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch {micro} x "
+                         f"{rt.world} processes")
     batches = len(train_set) // cfg.batch_size  # per epoch (the last partial batch is dropped)
     steps_per_epoch = min(batches, cfg.max_steps_per_epoch or batches)
     if steps_per_epoch == 0:
@@ -559,18 +393,16 @@ def start_finetune(cfg: FinetuneConfig, rt: Runtime) -> FinetuneRun:
     state = new_state()
     if resume:
         state = resume_from(resume, cfg, model, optimizer, scaler, names)
-    runner = model
-    if rt.world > 1:  # unused parameters: the pool of the present modality, heads of other tasks
-        runner = DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device.type == "cuda"
-                                         else None, find_unused_parameters=True)
-    if rt.master:
-        Path(cfg.out).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.out) / "config.json").write_text(json.dumps(
-            dict(finetune=dataclasses.asdict(cfg), model=dataclasses.asdict(mcfg)), indent=2))
+    # unused parameters: the pool of the present modality, heads of other tasks
+    runner = wrap_ddp(model, rt, find_unused_parameters=True)
+    write_run_config(Path(cfg.out), rt, finetune=dataclasses.asdict(cfg), model=dataclasses.asdict(mcfg))
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     print0(rt, f"{task.name}: {len(train_set)} training samples, {cfg.epochs} epochs x "
-               f"{steps_per_epoch} steps, batch {cfg.batch_size}, lr backbone {cfg.lr_backbone:g} / "
-               f"task {cfg.lr_task:g}, on {rt.device}")
-    return FinetuneRun(cfg, rt, task, meta, model, runner, optimizer, scaler, train_set, steps_per_epoch,
+               f"{steps_per_epoch} steps, batch {cfg.batch_size} = {rt.world} x {micro} x "
+               f"{cfg.batch_size // rt.world // micro} accumulation, lr backbone {cfg.lr_backbone:g} / "
+               f"task {cfg.lr_task:g}" + f", {frozen / 1e6:.2f}M parameters frozen" * bool(frozen) +
+               f", on {rt.device}")
+    return FinetuneRun(cfg, rt, task, meta, model, runner, optimizer, scaler, train_set, steps_per_epoch, micro,
                        EvalContext(Path(cfg.data), tokenizer, names, rt, cfg), SkipTracker(len(train_set)),
                        SaveClock(cfg.save_every_minutes), state)
 
@@ -587,22 +419,20 @@ def resume_from(path: Path, cfg: FinetuneConfig, model: FinetuneModel, optimizer
 
 def save(run: FinetuneRun) -> None:
     """OUT/checkpoint.safetensors, from which the fine-tune can continue (rank 0 writes it)."""
-    if run.rt.master:
-        save_finetuned(Path(run.cfg.out) / "checkpoint.safetensors", run.model, run.ctx.names, run.cfg,
-                       run.state, optimizer=run.optimizer, scaler=run.scaler)
-    barrier(run.rt)
-    run.clock.restart()
+    save_on_rank0(lambda: save_finetuned(Path(run.cfg.out) / "checkpoint.safetensors", run.model, run.ctx.names,
+                                         run.cfg, run.state, optimizer=run.optimizer, scaler=run.scaler),
+                  run.rt, run.clock)
 
 
 def train_epoch(run: FinetuneRun, stop: StopSignal) -> bool:
-    """The guarded steps of the current epoch from its saved position (a non-finite loss on any
-    rank skips the step on every rank and leaves the model as it was), with a checkpoint every
-    --save-every steps or --save-every-minutes; returns True when a signal stops the run (after
-    the current step, on every rank; the caller saves)."""
+    """The guarded steps of the current epoch from its saved position (runtime.guarded_step: a
+    non-finite loss on any rank skips the step on every rank and leaves the model as it was), with
+    a checkpoint every --save-every steps or --save-every-minutes; returns True when a signal stops
+    the run (after the current step, on every rank; the caller saves)."""
     cfg, rt, state = run.cfg, run.rt, run.state
     if state["batch_in_epoch"] == run.steps_per_epoch:  # saved after its last step, before its end
         return False
-    total, stopping = cfg.epochs * run.steps_per_epoch, False
+    total, stopping, micro = cfg.epochs * run.steps_per_epoch, False, run.micro_batch
     stream = iter(make_train_stream(run.dataset, cfg.batch_size // rt.world, cfg.seed, state["epoch"],
                                     state["batch_in_epoch"], cfg.workers))
     run.model.train()
@@ -617,20 +447,16 @@ def train_epoch(run: FinetuneRun, stop: StopSignal) -> bool:
             continue
         set_lr(run.optimizer, lr_factor(state["step"], total, cfg.warmup))
         seed_step(cfg.seed, rt.rank, state["step"])
-        buffers = snapshot_buffers(run.model)
-        with rt.autocast():
-            loss = run.runner(batch.to(rt.device, non_blocking=True))
-        bad, stopping, timed = any_rank([not torch.isfinite(loss).item(), stop.received is not None,
-                                         run.clock.due()], rt)
-        if not bad:
-            run.scaler.scale(loss).backward()
-        finish_step(run.model, run.optimizer, run.scaler, cfg.clip_grad, buffers, finite=not bad)
+        micro_batches = batch.split(micro) if micro < len(batch) else [batch]
+        _, bad, (stopping, timed), means = guarded_step(
+            run, (b.to(rt.device, non_blocking=True) for b in micro_batches), len(micro_batches),
+            lambda runner, b: dict(loss=runner(b)), [stop.received is not None, run.clock.due()])
         state["step"] += 1
         if bad:
             state["skipped_steps"] += 1
             print0(rt, f"step {state['step'] - 1}: non-finite loss, step skipped ({state['skipped_steps']} so far)")
         else:
-            state["epoch_losses"].append(loss.item())
+            state["epoch_losses"].append(means["loss"])
             bar.set_postfix(loss=f"{state['epoch_losses'][-1]:.4f}")
         if stopping:
             break
@@ -713,7 +539,11 @@ def parse_args(argv=None) -> FinetuneConfig:
     return dataclass_cli(FinetuneConfig, argv, __doc__.split("\n")[0], {
         "task": f"one of {sorted(TASKS)}",
         "init": "pre-training (or fine-tuned) checkpoint; the model Config comes from it",
-        "batch_size": "global batch; lower it (32, 16) if you run out of memory",
+        "batch_size": "global batch per step (the recipe's); keep it and lower --micro-batch if you run out of memory",
+        "micro_batch": "per-process rows per forward; gradients accumulate up to the global batch (same update "
+                       "for per-sample-mean losses; retrieval's ITC negatives are then the micro-batch's)",
+        "freeze": "'encoders': ViT and text encoder fixed; 'backbone': all of PTUnifier fixed, only the task "
+                  "layers train (linear probing); frozen parts run in eval mode and get no optimizer state",
         "max_steps_per_epoch": "cap steps per epoch (quick checks; None: the whole split)",
         "itm_rerank": "retrieval: K > 0 re-ranks the top-K ITC candidates with ITM pair passes",
         "resume": "continue exactly from OUT/checkpoint.safetensors, which must exist; '--resume auto': "

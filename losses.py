@@ -11,7 +11,7 @@ knows about the model, the optimiser or logging.
   the text-only pass embeddings, over the GLOBAL batch when a process group is initialised.
 - `LossWeights`, `LossParts`, `total_loss`  the weighted sum (official config: MLM 1, ITM 0.5,
   ITC 0.1).
-- `dist_info`  the one place that asks torch.distributed for (rank, world size); train.py uses it.
+- `dist_info`  (rank, world size) of the process group, (0, 1) without one; the ITC gathers ask it.
 
 Gradient scale of `itc_loss` under DDP (see the `itc_loss` docstring for the derivation): each
 rank computes its LOCAL rows against ALL gathered columns, the gather's backward sums the
@@ -29,10 +29,7 @@ IGNORE_INDEX = -100  # label value of text positions that MLM does not score
 
 
 def dist_info():
-    """Return (rank, world_size); (0, 1) when torch.distributed is absent or not initialised.
-
-    This is the only function in the project that decides whether collectives may run.
-    """
+    """Return (rank, world_size); (0, 1) when torch.distributed is absent or not initialised."""
     if not (dist.is_available() and dist.is_initialized()):
         return 0, 1
     return dist.get_rank(), dist.get_world_size()

@@ -295,21 +295,20 @@ class CrossLayer(nn.Module):
         self.ln3 = nn.LayerNorm(H, eps=eps)
         self.drop = nn.Dropout(p)
 
-    def attend_self(self, x, x_mask):
-        """Self-attention -> residual + LN: x [B, Lx, H], x_mask bool [B, 1, 1, Lx] or None."""
-        return self.ln1(x + self.drop(self.self_attn(x, x_mask)))
-
-    def attend_other(self, x, other, other_mask):
-        """Cross-attention (queries x [B, Lx, H], keys and values other [B, Lo, H]) -> residual + LN."""
-        return self.ln2(x + self.drop(self.cross_attn(x, other, other_mask)))
-
-    def feed_forward(self, x):
-        """FFN -> residual + LN: [B, Lx, H] -> [B, Lx, H]."""
+    def forward(self, x, x_mask, other, other_mask, rows=None):
+        """x [B, Lx, H], other [B, Lo, H]; masks bool [B, 1, 1, L] or None -> [B, Lx, H].
+        rows [B, P]: after the self-attention (which reads every position) only these rows of x
+        go on -> [B, P, H] (the MLM pass needs no other)."""
+        x = self.ln1(x + self.drop(self.self_attn(x, x_mask)))
+        if rows is not None:
+            x = gather_rows(x, rows)                                        # [B, P, H]
+        x = self.ln2(x + self.drop(self.cross_attn(x, other, other_mask)))
         return self.ln3(x + self.drop(self.fc2(F.gelu(self.fc1(x)))))
 
-    def forward(self, x, x_mask, other, other_mask):
-        """x [B, Lx, H], other [B, Lo, H]; masks bool [B, 1, 1, L] or None -> [B, Lx, H]."""
-        return self.feed_forward(self.attend_other(self.attend_self(x, x_mask), other, other_mask))
+
+def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x [B, L, H] at rows [B, P] -> [B, P, H] (a fixed-shape gather: no boolean mask, no host sync)."""
+    return x.gather(1, rows.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -542,25 +541,19 @@ class Fusion(nn.Module):
             return x[:, 0]
         return x.mean(dim=1) if mask is None else masked_mean(x, mask)
 
-    def streams(self, text_states, image_states):
-        """Both encoders' outputs projected to width H, plus their modality-type embeddings:
-        text [B, Lt, Dt] -> [B, Lt, H], image [B, Li, Dv] -> [B, Li, H]."""
-        return (self.text_proj(text_states) + self.modality_type.weight[0],
-                self.image_proj(image_states) + self.modality_type.weight[1])
-
-    @staticmethod
-    def layer_pair(text_layer, image_layer, t, v, text_key_mask):
-        """One co-attention layer of both streams, in parallel: each stream attends to the other
-        stream's input to this layer. t [B, Lt, H], v [B, Li, H] -> (t', v')."""
-        return text_layer(t, text_key_mask, v, None), image_layer(v, None, t, text_key_mask)
-
-    def forward(self, text_states, text_mask, image_states):
+    def forward(self, text_states, text_mask, image_states, text_rows=None):
         """text [B, Lt, Dt], text_mask [B, Lt], image [B, Li, Dv]
-        -> (text [B, Lt, H], image [B, Li, H], joint [B, 2H])."""
-        key_mask = key_padding_mask(text_mask)  # [B, 1, 1, Lt]
-        t, v = self.streams(text_states, image_states)
-        for text_layer, image_layer in zip(self.text_layers, self.image_layers):
-            t, v = self.layer_pair(text_layer, image_layer, t, v, key_mask)
+        -> (text [B, Lt, H], image [B, Li, H], joint [B, 2H]). Both streams update in parallel,
+        each attending to the other's input to the layer. text_rows [B, P]: only the fused text
+        at those rows -> (text [B, P, H], None, None): the last layer keeps those rows after its
+        self-attention and skips the image stream, and the poolers do not run."""
+        key_mask = key_padding_mask(text_mask)                               # [B, 1, 1, Lt]
+        t = self.text_proj(text_states) + self.modality_type.weight[0]       # [B, Lt, H]
+        v = self.image_proj(image_states) + self.modality_type.weight[1]     # [B, Li, H]
+        for i, (text_layer, image_layer) in enumerate(zip(self.text_layers, self.image_layers)):
+            if text_rows is not None and i == len(self.text_layers) - 1:
+                return text_layer(t, key_mask, v, None, rows=text_rows), None, None
+            t, v = text_layer(t, key_mask, v, None), image_layer(v, None, t, key_mask)
         pooled_text = torch.tanh(self.text_pooler(self.pool(t, text_mask)))  # [B, H]
         pooled_image = torch.tanh(self.image_pooler(self.pool(v, None)))  # [B, H]
         return t, v, torch.cat([pooled_text, pooled_image], dim=-1)  # joint [B, 2H]
@@ -700,10 +693,11 @@ class Encoded:
 class FusionOutput:
     """What one fusion pass returns (text mask: 1 = real token; indices None when not prompted)."""
 
-    text: torch.Tensor  # [B, Lt, H] fused text stream (Lt = k_textual + 2 when prompted, 1 if k = 0)
-    image: torch.Tensor  # [B, Li, H] fused image stream (Li = 1 + k_visual when prompted)
+    text: torch.Tensor  # [B, Lt, H] fused text stream (Lt = k_textual + 2 when prompted, 1 if k = 0;
+                        # [B, P, H] at text_rows)
+    image: torch.Tensor | None  # [B, Li, H] fused image stream (Li = 1 + k_visual when prompted)
     text_mask: torch.Tensor  # [B, Lt]
-    joint: torch.Tensor  # [B, 2H] concat(text pooled, image pooled)
+    joint: torch.Tensor | None  # [B, 2H] concat(text pooled, image pooled); None at text_rows
     text_prompt_indices: torch.Tensor | None  # [B, k_textual] textual-pool rows used
     image_prompt_indices: torch.Tensor | None  # [B, k_visual] visual-pool rows used
 
@@ -766,12 +760,14 @@ class PTUnifier(nn.Module):
 
     # -- 3. fuse (section 4) -------------------------------------------------------------------
 
-    def fuse(self, text: Encoded, image: Encoded) -> FusionOutput:
-        """Co-attention over both streams -> fused text [B, Lt, H], image [B, Li, H], joint [B, 2H]."""
-        t, v, joint = self.fusion(text.states, text.mask, image.states)
+    def fuse(self, text: Encoded, image: Encoded, text_rows=None) -> FusionOutput:
+        """Co-attention over both streams -> fused text [B, Lt, H], image [B, Li, H], joint [B, 2H];
+        with text_rows [B, P], the fused text at those rows only [B, P, H] (Fusion.forward)."""
+        t, v, joint = self.fusion(text.states, text.mask, image.states, text_rows)
         return FusionOutput(t, v, text.mask, joint, text.prompt_indices, image.prompt_indices)
 
-    def fuse_encoded(self, image: Encoded | None = None, text: Encoded | None = None) -> FusionOutput:
+    def fuse_encoded(self, image: Encoded | None = None, text: Encoded | None = None,
+                     text_rows=None) -> FusionOutput:
         """One fusion pass over encoded inputs; the missing modality (at most one) is prompted."""
         if image is None and text is None:
             raise ValueError("PTUnifier: a fusion pass needs an image or a text")
@@ -779,7 +775,7 @@ class PTUnifier(nn.Module):
             image = self.prompt_image(text.query)
         if text is None:
             text = self.prompt_text(image.query)
-        return self.fuse(text, image)
+        return self.fuse(text, image, text_rows)
 
     def forward(self, pixel_values=None, input_ids=None, attention_mask=None) -> FusionOutput:
         """One fusion pass over an image [B, 3, S, S], a text (ids [B, L], mask [B, L]; no mask

@@ -8,7 +8,8 @@
     python predict.py report   --checkpoint runs/ft-itg/best.safetensors --images scans/
 
 In a notebook: `p = Predictor.load("runs/pretrain/checkpoint.safetensors")`, then `p.search("left
-pleural effusion", ["scans/"])`, `p.classify(["scans/"])`, ... (the commands call these methods).
+pleural effusion", ["scans/"])`, `p.zero_shot_classify(["scans/"])` (an `ic` checkpoint:
+`p.classify`), ... (the commands call these methods).
 
 Every answer is computed by the evaluation code's own pieces, so that it is what the evaluation
 computes for the same inputs (tests/test_predict.py checks it):
@@ -16,7 +17,7 @@ computes for the same inputs (tests/test_predict.py checks it):
 | command     | checkpoint             | computed by                                                   |
 |-------------|------------------------|---------------------------------------------------------------|
 | embed       | pre-training/retrieval | ITC embeddings of the image-only / text-only pass (Eq. 3-4,   |
-|             |                        | 9-10): zeroshot.image_embeddings / sentence_embeddings        |
+|             |                        | 9-10): zeroshot.image_embeddings / text_embeddings            |
 | search      | pre-training/retrieval | their dot products, as zero-shot retrieval ranks              |
 | classify    | pre-training/retrieval | zero-shot: zeroshot.present_probabilities of "There is        |
 |             |                        | {finding}." against "There is no {finding}."                  |
@@ -38,6 +39,7 @@ unpickled).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import textwrap
@@ -52,10 +54,10 @@ from tqdm import tqdm
 import synth
 from checkpoint import CheckpointError, atomic_save, load_pretrained
 from data import Batch, UnreadableImage, image_to_tensor, load_image
-from finetune import FinetuneConfig, generate_texts, load_finetuned, vocabulary_mismatch
 from runtime import Runtime, setup_runtime
+from tasks import Decoding, generate_texts, load_finetuned, vocabulary_mismatch
 from tokenizer import Tokenizer, clean_text, locate_tokenizer
-from zeroshot import default_label_sentences, image_embeddings, present_probabilities, sentence_embeddings
+from zeroshot import default_label_sentences, image_embeddings, present_probabilities, text_embeddings
 
 # The file extensions of the image formats PIL can open (load_image reads any of them).
 IMAGE_SUFFIXES = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
@@ -118,7 +120,7 @@ class Predictor:
         saved = meta.get("finetune") or {}
         self.kind = saved.get("task", "pretrain")     # pretrain, or the fine-tuned task
         self.outputs = list(saved.get("outputs", []))  # the head's classes or answers
-        self.run = FinetuneConfig(**saved["config"]) if saved else None  # its decoding settings
+        self.run = Decoding.of(saved["config"]) if saved else None  # its decoding settings
         self.batch_size, self.skip_bad, self.progress = batch_size, skip_bad, progress
         self.skipped: list[str] = []  # every unreadable image skipped so far (with skip_bad)
 
@@ -148,17 +150,17 @@ class Predictor:
         """ITC embeddings of the image-only pass (image + textual prompts)."""
         self._require_itc("embed_images")
         paths, chunks = image_files(images), []
-        for kept, pixels in self._image_batches(paths):
-            chunks.append((kept, image_embeddings(self.backbone, pixels)[0].float().cpu()))
-        return Embeddings([str(paths[i]) for kept, _ in chunks for i in kept], self._stack(c for _, c in chunks))
+        for _, batch in self._image_batches(paths):
+            chunks.append((batch.ids, image_embeddings(self.backbone, batch.pixel_values)[0].float().cpu()))
+        return Embeddings([p for ids, _ in chunks for p in ids], self._stack(c for _, c in chunks))
 
     @torch.no_grad()
     def embed_texts(self, texts, what: str = "text") -> Embeddings:
         """ITC embeddings of the text-only pass (text + visual prompts); `what` names the texts in errors."""
         self._require_itc("embed_texts")
         texts = self._checked(texts, what)
-        chunks = [sentence_embeddings(self.backbone, self.tokenizer, part, self.device, self.batch_size)
-                  for part in self._text_batches(texts, what)]
+        chunks = [text_embeddings(self.backbone, b.input_ids, b.attention_mask)[0].float().cpu()
+                  for b in self._text_batches(texts, what)]
         return Embeddings(texts, self._stack(chunks))
 
     def search(self, queries, images, top: int = 5) -> list[dict]:
@@ -179,21 +181,11 @@ class Predictor:
                 for p, row in zip(found.items, found.vectors @ text.vectors.T)]  # [N, T]
 
     @torch.no_grad()
-    def classify(self, images, labels=None) -> list[dict]:
-        """{path, scores: {label: probability}} per image. A fine-tuned `ic` checkpoint: its head's
-        probability per finding. Otherwise zero-shot: with no labels, P(present) of each synthetic
-        finding ("There is {finding}." against "There is no {finding}."); a label "positive |
-        negative" is scored the same way; plain label sentences (two or more) share a softmax."""
-        if self.kind == "ic":
-            if labels:
-                raise PredictError(f"{self.describe()}: it scores its own findings {self.outputs}; labels "
-                                   "are for zero-shot classification with a pre-training checkpoint")
-            paths, rows = image_files(images), []
-            for kept, pixels in self._image_batches(paths):
-                batch = Batch(ids=[str(paths[i]) for i in kept], pixel_values=pixels)
-                rows += [dict(path=str(paths[i]), scores=dict(zip(self.outputs, p.tolist())))
-                         for i, p in zip(kept, torch.sigmoid(self._head(batch)))]
-            return rows
+    def zero_shot_classify(self, images, labels=None) -> list[dict]:
+        """{path, scores: {label: probability}} per image from the ITC space: with no labels,
+        P(present) of each synthetic finding ("There is {finding}." against "There is no
+        {finding}."); a label "positive | negative" is scored the same way; plain label sentences
+        (two or more) share a softmax."""
         self._require_itc("zero-shot classify")
         names, positives, negatives = _labels(labels)
         self._nonempty(positives + negatives, "label")  # before the images are read
@@ -209,6 +201,14 @@ class Predictor:
     # -- fine-tuned heads -----------------------------------------------------------------------
 
     @torch.no_grad()
+    def classify(self, images) -> list[dict]:
+        """{path, scores: {finding: probability}} per image: the `ic` head's sigmoid per finding."""
+        self._require("classify", "ic")
+        return [dict(path=path, scores=dict(zip(self.outputs, p.tolist())))
+                for _, batch in self._image_batches(image_files(images))
+                for path, p in zip(batch.ids, torch.sigmoid(self._head(batch)))]
+
+    @torch.no_grad()
     def answer(self, images, questions) -> list[dict]:
         """{path, question, answer, probability} per image: the `vqa` head's best answer; `questions`
         is one question for every image, or one per image."""
@@ -218,10 +218,7 @@ class Predictor:
         if len(questions) != len(paths):
             raise PredictError(f"{len(questions)} questions for {len(paths)} images: give one, or one per image")
         questions, rows = self._checked(questions, "question"), []
-        for kept, pixels in self._image_batches(paths):
-            ids, mask = self.tokenizer.encode([questions[i] for i in kept], self.backbone.config.max_text_len)
-            batch = Batch(ids=[str(paths[i]) for i in kept], pixel_values=pixels,
-                          input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
+        for kept, batch in self._image_batches(paths, questions):
             best_p, best = torch.sigmoid(self._head(batch)).max(dim=1)  # [b] each
             rows += [dict(path=str(paths[i]), question=questions[i], answer=self.outputs[a], probability=p)
                      for i, a, p in zip(kept, best.tolist(), best_p.tolist())]
@@ -231,24 +228,15 @@ class Predictor:
     def report(self, images) -> list[dict]:
         """{path, report} per image: the `itg` decoder's findings."""
         self._require("report", "itg")
-        paths, rows = image_files(images), []
-        for kept, pixels in self._image_batches(paths):
-            batch = Batch(ids=[str(paths[i]) for i in kept], pixel_values=pixels)
-            with self.rt.autocast():
-                texts = generate_texts(self.model, batch, self.tokenizer, self.run)
-            rows += [dict(path=str(paths[i]), report=t) for i, t in zip(kept, texts)]
-        return rows
+        return [dict(path=path, report=text) for _, batch in self._image_batches(image_files(images))
+                for path, text in zip(batch.ids, self._generate(batch))]
 
     @torch.no_grad()
     def summarize(self, texts) -> list[dict]:
         """{line, text, summary} per text: the `ts` decoder's impression of the findings."""
         self._require("summarize", "ts")
-        texts, summaries = self._checked(texts, "text"), []
-        for part in self._text_batches(texts, "texts"):
-            ids, mask = self.tokenizer.encode(part, self.backbone.config.max_text_len)
-            batch = Batch(ids=part, input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
-            with self.rt.autocast():
-                summaries += generate_texts(self.model, batch, self.tokenizer, self.run)
+        texts = self._checked(texts, "text")
+        summaries = [s for batch in self._text_batches(texts, "texts") for s in self._generate(batch)]
         return [dict(line=i + 1, text=t, summary=s) for i, (t, s) in enumerate(zip(texts, summaries))]
 
     @torch.no_grad()
@@ -260,16 +248,11 @@ class Predictor:
             raise PredictError(f"{len(premises)} premises for {len(hypotheses)} hypotheses: give pairs")
         hypotheses = self._nonempty(hypotheses, "hypothesis")
         premises = self._checked(premises, "premise", pair=hypotheses)
-        rows = []
-        for part in self._text_batches(list(zip(premises, hypotheses)), "pairs"):
-            a, b = [p for p, _ in part], [h for _, h in part]
-            ids, mask = self.tokenizer.encode(a, self.backbone.config.max_text_len, pair=b)
-            batch = Batch(ids=a, input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
-            for p, h, probs in zip(a, b, torch.softmax(self._head(batch), dim=1).tolist()):
-                best = max(range(len(probs)), key=probs.__getitem__)
-                rows.append(dict(premise=p, hypothesis=h, label=self.outputs[best],
-                                 probabilities=dict(zip(self.outputs, probs))))
-        return rows
+        probabilities = [p for batch in self._text_batches(premises, "pairs", pairs=hypotheses)
+                         for p in torch.softmax(self._head(batch), dim=1).tolist()]
+        return [dict(premise=p, hypothesis=h, label=self.outputs[max(range(len(probs)), key=probs.__getitem__)],
+                     probabilities=dict(zip(self.outputs, probs)))
+                for p, h, probs in zip(premises, hypotheses, probabilities)]
 
     # -- the pieces -----------------------------------------------------------------------------
 
@@ -288,9 +271,16 @@ class Predictor:
         with self.rt.autocast():
             return self.model.outputs(batch).float().cpu()
 
-    def _image_batches(self, paths: list[Path]):
-        """(indices into paths, pixels [b, 3, S, S] on the device) per batch of `batch_size` paths.
-        An unreadable image raises UnreadableImage, or with skip_bad joins self.skipped."""
+    def _generate(self, batch: Batch) -> list[str]:
+        """The fine-tuned decoder's text for each input of the batch, searched as its run scored it."""
+        with self.rt.autocast():
+            return generate_texts(self.model, batch, self.tokenizer, self.run)
+
+    def _image_batches(self, paths: list[Path], questions: list[str] | None = None):
+        """The one image adapter: (indices into paths, Batch on the device: ids = the paths, pixels
+        [b, 3, S, S] as the evaluation reads them, with `questions` each one's question tokenised)
+        per batch of `batch_size` paths. An unreadable image raises UnreadableImage, or with
+        skip_bad joins self.skipped."""
         size = self.backbone.config.image_size
         bar = self._bar(len(paths), "images")
         for start in range(0, len(paths), self.batch_size):
@@ -305,21 +295,29 @@ class Predictor:
                     self.skipped.append(str(e))
             bar.update(min(self.batch_size, len(paths) - start))
             if kept:
-                yield kept, torch.stack(pixels).to(self.device)
+                batch = Batch(ids=[str(paths[i]) for i in kept], pixel_values=torch.stack(pixels).to(self.device))
+                yield kept, batch if questions is None else self._tokens(batch, [questions[i] for i in kept])
         bar.close()
+
+    def _text_batches(self, texts: list[str], desc: str, pairs: list[str] | None = None):
+        """The one text adapter: a Batch per slice of `batch_size` texts (ids = the texts, tokens on
+        the device; with `pairs`, each text with its pair), with a progress bar on long inputs."""
+        bar = self._bar(len(texts), desc)
+        for start in range(0, len(texts), self.batch_size):
+            part = texts[start:start + self.batch_size]
+            yield self._tokens(Batch(ids=part), part, None if pairs is None else pairs[start:start + self.batch_size])
+            bar.update(len(part))
+        bar.close()
+
+    def _tokens(self, batch: Batch, texts: list[str], pair: list[str] | None = None) -> Batch:
+        """`batch` with `texts` (and their pairs) tokenised as the evaluation does, on the device."""
+        ids, mask = self.tokenizer.encode(texts, self.backbone.config.max_text_len, pair=pair)
+        return dataclasses.replace(batch, input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
 
     def _bar(self, total: int, desc: str) -> tqdm:
         """A progress bar on stderr for inputs longer than one batch (shown on a terminal only)."""
         return tqdm(total=total, desc=desc, file=sys.stderr,
                     disable=True if not self.progress or total <= self.batch_size else None)
-
-    def _text_batches(self, texts: list, desc: str):
-        """Slices of `batch_size` texts (or pairs), with a progress bar on long inputs."""
-        bar = self._bar(len(texts), desc)
-        for start in range(0, len(texts), self.batch_size):
-            yield texts[start:start + self.batch_size]
-            bar.update(min(self.batch_size, len(texts) - start))
-        bar.close()
 
     @staticmethod
     def _nonempty(texts, what: str) -> list[str]:
@@ -461,7 +459,8 @@ def run_search(p: Predictor, a) -> list[dict]:
 COMMANDS = {
     "embed": run_embed,
     "search": run_search,
-    "classify": lambda p, a: p.classify(a.images, a.labels),
+    "classify": lambda p, a: p.classify(a.images) if p.kind == "ic" and not a.labels else
+                             p.zero_shot_classify(a.images, a.labels),
     "answer": lambda p, a: p.answer(a.images, a.question),
     "report": lambda p, a: p.report(a.images),
     "summarize": lambda p, a: p.summarize([a.text] if a.text is not None else read_lines(a.texts_file)),
@@ -491,13 +490,21 @@ def show(command: str, rows: list[dict], args) -> None:
                            "nli": ["premise", "hypothesis", "label"]}[command])
 
 
+def positive(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least 1, got {text}")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--checkpoint", required=True, help="a pre-training checkpoint (checkpoint.safetensors) or "
                         "a fine-tuned one (best.safetensors of finetune.py)")
     common.add_argument("--tokenizer", help="tokenizer.json or folder (default: the one the checkpoint's run read)")
     common.add_argument("--jsonl", help="write one JSON object per input to this file instead of printing a table")
-    common.add_argument("--batch-size", type=int, default=64, help="inputs per forward pass; lower it (16, 4) "
+    common.add_argument("--batch-size", type=positive, default=64, help="inputs per forward pass; lower it (16, 4) "
                         "if you run out of memory")
     common.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when present")
     common.add_argument("--skip-bad", action="store_true", help="skip unreadable images and list them at the "
@@ -520,7 +527,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     query.add_argument("--queries", metavar="F", help="text queries, one a line (one model load for all)")
     query.add_argument("--image-query", nargs="+", metavar="P", help="images as queries, against --texts-file")
     p.add_argument("--texts-file", metavar="F", help="with --image-query: the texts to rank, one a line")
-    p.add_argument("--top", type=int, default=5, help="hits per query")
+    p.add_argument("--top", type=positive, default=5, help="hits per query")
     p.add_argument("--sheet", metavar="S.png", help="draw the hits of the first 6 queries as a contact sheet")
 
     p = sub.add_parser("classify", parents=[common], help="findings per image: zero-shot, or a fine-tuned ic head")

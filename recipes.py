@@ -31,13 +31,9 @@ class Recipe:
 
 PAPER_FINETUNE_LR = dict(lr_backbone=5e-6, lr_task=2.5e-4)  # paper 5.2: backbone / task layers
 # The tiny backbone is barely pre-trained: it needs a far higher backbone rate than 5e-6 to move in
-# a few epochs. The generation decoder needs 15 epochs to write the findings it reads (validation
-# BLEU-4 peaked at epoch 11 in three runs), the text tasks 10 (NLI: test accuracy 56.5 after 6,
-# 64.5 after 10; docs/NOTES.md). Retrieval continues ITC: it learns at the pre-training rates, not
-# these (test R@1 21.3 / 22.7% after 12 epochs, against 16.2 / 15.9% at these rates). Image
-# classification and VQA take 12: after 6, the best validation epoch was the last (VQA: the last
-# or the one before) in every benchmark run (IC test macro AUROC 89.5 after 6, 95.7 after 12; VQA
-# 76.8 -> 81.2; docs/NOTES.md 4.13).
+# a few epochs. Epochs per task: the generation decoder 15 (it needs them to write the findings it
+# reads), the text tasks 10, image classification and VQA 12 (after 6 the best validation epoch
+# was still the last); retrieval continues ITC at the pre-training rates (docs/NOTES.md 4.13).
 TINY_FINETUNE_LR = dict(lr_backbone=2e-4, lr_task=5e-4)
 TINY_PRETRAIN_LR = dict(lr_encoder=5e-4, lr_other=7e-4)  # the encoders / the rest
 
@@ -62,8 +58,8 @@ RECIPES = {
             text_width=128, text_layers=2, text_heads=4, max_positions=128, max_text_len=64,
             hidden_size=128, fusion_layers=1, fusion_heads=4, pool_size=64, k_visual=16, k_textual=16,
             embed_dim=128,
-            # Each image selects 16 of the 64 textual prompts, not 8: zero-shot R@1 10.3 / 11.5%
-            # against 8.5 / 8.7% over three seeds (docs/NOTES.md 4.11, 4.13).
+            # Each image selects 16 of the 64 textual prompts, not 8: better zero-shot retrieval over
+            # three seeds (docs/NOTES.md 4.11, 4.13).
             # Early convolutions (four stride-2 conv layers) to the 4x4 grid of 16 px patches: a
             # ViT that learns from scratch; MLP ratio 2 instead of 4: as good, a quarter cheaper.
             vision_stem="conv", patch_size=16, vision_mlp=256, text_mlp=256, fusion_mlp=256,

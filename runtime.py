@@ -12,9 +12,11 @@
 - collectives: `any_rank` (every rank takes the same decision), `cleanup`.
 - the schedule (paper 5.3): linear warm-up, then linear decay to 0, optionally after a plateau
   (`lr_factor`, `set_lr`).
-- the guarded optimiser step: `snapshot_buffers` before the forward, then `finish_step`, which
-  applies the update or, when the loss was not finite on some rank, drops the gradients and puts
-  the buffers back, so that a skipped step leaves the model exactly as it was.
+- the guarded step both programs take (`guarded_step`): micro-batches accumulated (DDP all-reduces
+  on the last only), then one read from the device (`step_verdict`) decides on every rank alike
+  whether to apply the update or, when a loss was not finite on some rank, to drop the gradients
+  and put the buffers back, so that a skipped step leaves the model exactly as it was.
+- the pieces of a run both programs share: `wrap_ddp`, `write_run_config`, `save_on_rank0`.
 - `dataclass_cli`: a flat command line generated from a run's config dataclass.
 Nothing here imports another module of the project.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import json
 import inspect
 import os
 import random
@@ -30,6 +33,8 @@ import re
 import signal
 import time
 import typing
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -66,6 +71,11 @@ class Runtime:
 
 def setup_runtime(device: str = "auto") -> Runtime:
     """Detect torchrun from its environment variables; NCCL on CUDA, gloo on CPU."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise SystemExit(f"--device {device!r}: expected auto, cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device cuda: no CUDA device is visible to torch {torch.__version__} (built for CUDA "
+                         f"{torch.version.cuda or 'no CUDA: a CPU build'}); use --device cpu or auto")
     want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -162,9 +172,8 @@ def seed_step(seed: int, rank: int, step: int) -> None:
 class SaveClock:
     """A save by wall time (--save-every-minutes): due once `minutes` have passed since the last
     checkpoint (0: never), so that a preempted run loses at most that much work whatever its step
-    time. Each rank reads its own clock; the loop all-reduces `due()` with the step's other flags
-    (train.step_verdict, finetune: `any_rank`), so every rank saves at the same step, without a
-    sync of its own."""
+    time. Each rank reads its own clock; `due()` rides the step's one read (`step_verdict`), so
+    every rank saves at the same step, without a sync of its own."""
 
     def __init__(self, minutes: float):
         self.minutes, self.last = minutes, time.monotonic()
@@ -243,8 +252,7 @@ def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
 def adamw(groups: list[dict], device: torch.device) -> torch.optim.AdamW:
     """AdamW as the paper sets it (betas 0.9 / 0.98, eps 1e-8) over parameter groups; each group
     keeps its rate as `base_lr`, which the schedule scales. The fused kernel on CUDA and on the
-    CPU (on the CPU a quarter of the for-loop version's time for the tiny model: 3.1 vs 13.5 ms
-    a step, docs/NOTES.md 4.10)."""
+    CPU (faster there too: docs/NOTES.md 4.10)."""
     for g in groups:
         g["base_lr"] = g["lr"]
     return torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-8, fused=device.type in ("cuda", "cpu"))
@@ -259,9 +267,8 @@ def snapshot_buffers(model: nn.Module) -> list[torch.Tensor]:
 def finish_step(model: nn.Module, optimizer, scaler, clip_grad: float, buffers: list[torch.Tensor],
                 finite: bool) -> None:
     """The end of a guarded step. finite: unscale, clip the global gradient norm (clip_grad > 0),
-    step AdamW through the fp16 scaler. Not finite (a NaN/inf loss on some rank; every rank
-    decides the same through `any_rank`): drop the gradients and restore `buffers`, so the model
-    is exactly as before the step. Gradients are zeroed either way."""
+    step AdamW through the fp16 scaler. Not finite (on some rank; every rank decides the same):
+    drop the gradients and restore `buffers`, so the model is exactly as before the step."""
     if finite:
         scaler.unscale_(optimizer)
         if clip_grad > 0:
@@ -273,6 +280,77 @@ def finish_step(model: nn.Module, optimizer, scaler, clip_grad: float, buffers: 
             for buffer, saved in zip(model.buffers(), buffers, strict=True):
                 buffer.copy_(saved)
     optimizer.zero_grad(set_to_none=True)
+
+
+def step_verdict(losses: dict[str, torch.Tensor], flags: list[bool], rt: Runtime
+                 ) -> tuple[bool, list[bool], dict[str, float]]:
+    """What every rank decides at the end of a step, from one all-reduce and one read from the
+    device (the step's only sync): (losses["loss"] was not finite on some rank, each host flag
+    raised on some rank, each loss averaged over the ranks)."""
+    host = torch.tensor([float(f) for f in flags], device=rt.device)                      # [F]
+    means = [v.float()[None] / rt.world for v in losses.values()]                          # [1] each
+    verdict = torch.cat([(~torch.isfinite(losses["loss"])).float()[None], host, *means])
+    if rt.world > 1:
+        dist.all_reduce(verdict)  # sums: a flag > 0 on any rank stays > 0
+    values = verdict.tolist()
+    raised = [v > 0 for v in values[:1 + len(flags)]]
+    return raised[0], raised[1:], dict(zip(losses, values[1 + len(flags):]))
+
+
+class Trainable(typing.Protocol):
+    """What a guarded step updates: `model` (parameters, buffers), `runner` (the model as the step
+    runs it: wrapped by DDP / torch.compile), AdamW, the fp16 scaler, `cfg.clip_grad`, `rt`."""
+    model: nn.Module
+    runner: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    cfg: typing.Any
+    rt: Runtime
+
+
+def guarded_step(run: Trainable, micro_batches: Iterable, accum: int,
+                 forward: Callable[[nn.Module, typing.Any], dict[str, torch.Tensor]], flags: list[bool]
+                 ) -> tuple[dict[str, torch.Tensor], bool, list[bool], dict[str, float]]:
+    """One optimisation step over `accum` micro-batches: forward(runner, batch) -> losses ("loss" is
+    minimised) and backward of loss / accum for each, DDP's all-reduce on the last only; then
+    `step_verdict` and `finish_step`. Returns (the mean detached losses on this rank, the step was
+    skipped, the host `flags` as every rank sees them, the losses averaged over the ranks)."""
+    rt, buffers, losses = run.rt, snapshot_buffers(run.model), None
+    for i, batch in zip(range(accum), micro_batches):
+        defer_sync = rt.world > 1 and i < accum - 1
+        with run.runner.no_sync() if defer_sync else nullcontext(), rt.autocast():
+            out = forward(run.runner, batch)
+        run.scaler.scale(out["loss"] / accum).backward()
+        out = {k: v.detach() / accum for k, v in out.items()}
+        losses = out if losses is None else {k: v + losses[k] for k, v in out.items()}
+    bad, raised, means = step_verdict(losses, flags, rt)
+    finish_step(run.model, run.optimizer, run.scaler, run.cfg.clip_grad, buffers, finite=not bad)
+    return losses, bad, raised, means
+
+
+# ----------------------------------------------------------------------------- a run's folder
+
+def wrap_ddp(module: nn.Module, rt: Runtime, **options) -> nn.Module:
+    """`module` under DistributedDataParallel when there are several processes, else itself."""
+    if rt.world == 1:
+        return module
+    return torch.nn.parallel.DistributedDataParallel(
+        module, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None, **options)
+
+
+def write_run_config(out: Path, rt: Runtime, **sections) -> None:
+    """Rank 0 creates the run folder and writes its resolved configuration (config.json)."""
+    if rt.master:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(sections, indent=2))
+
+
+def save_on_rank0(write: Callable[[], None], rt: Runtime, clock: "SaveClock") -> None:
+    """A checkpoint: rank 0 writes it while the others wait; the wall-time clock starts again."""
+    if rt.master:
+        write()
+    barrier(rt)
+    clock.restart()
 
 
 # ----------------------------------------------------------------------------- command line

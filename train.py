@@ -6,9 +6,9 @@
 
 One optimisation step (step.PretrainStep) runs four fusion passes over a batch of B image-text
 pairs, MLM, ITM and the image-only and text-only passes of ITC, and minimises the weighted sum of
-the three losses (Eq. 1). The step reads nothing back from the device: the loop reads its losses
-once per step, at its end, for the finiteness guard (`step_verdict`), and writes them to
-metrics.jsonl every --log-every steps. `--compile` (default on CUDA) compiles the step whole.
+the three losses (Eq. 1). In one process the step reads nothing back from the device (step.py says
+what DDP adds): the loop reads its losses once per step, at its end, for the finiteness guard
+(`runtime.guarded_step`), and writes them to metrics.jsonl every --log-every steps. `--compile` (default on CUDA) compiles the step whole.
 
 From scratch (the tiny preset), the run starts with passes 3-4 only (ITC alone, "align before
 fuse"): with MLM from the first step, the pooled features that ITC and ITM read stay identical
@@ -32,13 +32,11 @@ import json
 import math
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import synth
@@ -48,8 +46,8 @@ from losses import LossWeights
 from model import PTUnifier
 from recipes import build_model, recipe, with_defaults
 from runtime import (Runtime, SaveClock, StopSignal, adamw, barrier, check_resume_mode, cleanup, dataclass_cli,
-                     finish_step, lr_factor, print0, resume_point, seed_everything, seed_step, set_lr,
-                     setup_runtime, snapshot_buffers)
+                     guarded_step, lr_factor, print0, resume_point, save_on_rank0, seed_everything, seed_step,
+                     set_lr, setup_runtime, wrap_ddp, write_run_config)
 from step import PretrainStep, StepOutput
 from tokenizer import Tokenizer, locate_tokenizer
 from zeroshot import zero_shot_retrieval
@@ -216,10 +214,9 @@ def start_run(cfg: TrainConfig, rt: Runtime) -> Run:
     optimizer = make_optimizer(model, cfg, rt.device)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
     runner = PretrainStep(model, LossWeights(cfg.mlm_weight, cfg.itm_weight, cfg.itc_weight))
-    if rt.world > 1:  # an ITC-only start leaves the MLM and ITM heads without gradients
-        runner = DistributedDataParallel(runner, device_ids=[rt.local_rank] if rt.device.type == "cuda"
-                                         else None, gradient_as_bucket_view=True, bucket_cap_mb=100,
-                                         find_unused_parameters=cfg.itc_warmup > 0)
+    # an ITC-only start leaves the MLM and ITM heads without gradients
+    runner = wrap_ddp(runner, rt, gradient_as_bucket_view=True, bucket_cap_mb=100,
+                      find_unused_parameters=cfg.itc_warmup > 0)
     if cfg.compile:  # one graph (fullgraph) without DDP; DDP's gradient hooks split it into buckets
         runner = torch.compile(runner, fullgraph=rt.world == 1, mode=cfg.compile_mode)
     chance = math.log(micro * rt.world)
@@ -227,12 +224,10 @@ def start_run(cfg: TrainConfig, rt: Runtime) -> Run:
                  itc_only_until=cfg.itc_only_steps(), itc_average=chance)
     if resume:
         state.update(load_checkpoint(resume, model, optimizer, scaler, expect_train=cfg))
+    write_run_config(out, rt, train=dataclasses.asdict(cfg), model=dataclasses.asdict(mcfg), world_size=rt.world,
+                     micro_batch=micro, grad_accum=accum)
     if rt.master:
-        out.mkdir(parents=True, exist_ok=True)
         drop_rows_after(out / "metrics.jsonl", state["step"])  # the steps this run takes (again)
-        (out / "config.json").write_text(json.dumps(
-            dict(train=dataclasses.asdict(cfg), model=dataclasses.asdict(mcfg), world_size=rt.world,
-                 micro_batch=micro, grad_accum=accum), indent=2))
     print0(rt, f"model {cfg.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
                f"{len(dataset)} training pairs; global batch {cfg.batch_size} = {rt.world} x {micro} "
                f"x {accum} accumulation; {cfg.steps} steps on {rt.device}")
@@ -244,16 +239,16 @@ def start_run(cfg: TrainConfig, rt: Runtime) -> Run:
 
 
 def train_step(run: Run, stop: StopSignal) -> tuple[dict[str, torch.Tensor], int, bool, bool]:
-    """One guarded optimisation step; returns (mean losses, samples seen here, stopping, a save by
-    wall time is due), the last two decided alike on every rank."""
+    """One guarded optimisation step (runtime.guarded_step); returns (mean losses, samples seen here,
+    stopping, a save by wall time is due), the last two decided alike on every rank."""
     cfg, rt, state = run.cfg, run.rt, run.state
     set_lr(run.optimizer, lr_factor(state["step"], cfg.steps, cfg.warmup, cfg.decay_from))
     seed_step(cfg.seed, rt.rank, state["step"])
     itc_only = state["step"] < state["itc_only_until"]
-    buffers = snapshot_buffers(run.model)
-    losses, n_samples = accumulate_gradients(run, itc_only)
-    bad, stopping, timed, itc = step_verdict(losses, [stop.received is not None, run.clock.due()], rt)
-    finish_step(run.model, run.optimizer, run.scaler, cfg.clip_grad, buffers, finite=not bad)
+    seen = []
+    losses, bad, (stopping, timed), means = guarded_step(
+        run, readable_batches(run, seen), run.accum, lambda runner, batch: pretrain_losses(run, runner, batch, itc_only),
+        [stop.received is not None, run.clock.due()])
     state["bad_steps"] = state["bad_steps"] + 1 if bad else 0
     state["skipped_steps"] += bad
     if state["bad_steps"] >= cfg.max_bad_steps:
@@ -263,8 +258,8 @@ def train_step(run: Run, stop: StopSignal) -> tuple[dict[str, torch.Tensor], int
                          f"{Path(cfg.out) / 'checkpoint.safetensors'}. Lower the learning rate or check the data.")
     state["step"] += 1
     if itc_only and not bad and cfg.itc_escape > 0:
-        check_itc_start(run, itc)
-    return losses, n_samples, stopping, timed
+        check_itc_start(run, means.get("itc", 0.0))
+    return losses, sum(seen), stopping, timed
 
 
 def compiled_graphs(cfg: TrainConfig) -> int:
@@ -276,39 +271,25 @@ def compiled_graphs(cfg: TrainConfig) -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def step_verdict(losses: dict[str, torch.Tensor], flags: list[bool], rt: Runtime) -> tuple[bool, ...]:
-    """What every rank decides at the end of a step, from one all-reduce and one read from the
-    device (the step's only sync): (a loss was not finite on some rank, each of the host's
-    `flags` (stop, save now) set on some rank, the ITC loss averaged over ranks; 0 without ITC)."""
-    itc = losses.get("itc", torch.zeros((), device=rt.device))
-    host = torch.tensor([float(f) for f in flags], device=rt.device)                      # [F]
-    verdict = torch.cat([(~torch.isfinite(losses["loss"])).float()[None], host, itc.float()[None] / rt.world])
-    if rt.world > 1:
-        torch.distributed.all_reduce(verdict)  # sums: a flag > 0 on any rank stays > 0
-    *raised, itc = verdict.tolist()
-    return (*(value > 0 for value in raised), itc)
-
-
-def accumulate_gradients(run: Run, itc_only: bool) -> tuple[dict[str, torch.Tensor], int]:
-    """Forward and backward over `accum` micro-batches (DDP syncs gradients on the last one only);
-    returns the mean detached losses that ran and the number of samples seen."""
-    rt, losses, n_samples = run.rt, None, 0
-    for i in range(run.accum):
+def readable_batches(run: Run, seen: list[int]):
+    """The next micro-batches of the stream, each with at least one readable image (a micro-batch
+    whose every image was unreadable is passed over); appends each one's size to `seen`."""
+    while True:
         batch = next(run.batches)
         run.bad_images.update(batch)
-        while len(batch) == 0:  # every image of this micro-batch was unreadable: take the next
-            batch = next(run.batches)
-            run.bad_images.update(batch)
-        defer_sync = rt.world > 1 and i < run.accum - 1
-        if run.cfg.compile and run.cfg.compile_mode == "reduce-overhead":
-            torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are consumed: reuse them
-        with run.runner.no_sync() if defer_sync else nullcontext(), rt.autocast():
-            out = run.runner(batch, itc_only)
-        run.scaler.scale(out.total / run.accum).backward()
-        losses = step_mean(losses, out, run.accum)
-        run.usage.add(out)
-        n_samples += len(batch.ids)
-    return losses, n_samples
+        if len(batch):
+            seen.append(len(batch.ids))
+            yield batch
+
+
+def pretrain_losses(run: Run, runner: nn.Module, batch, itc_only: bool) -> dict[str, torch.Tensor]:
+    """One micro-batch through the pre-training step: the losses that ran ("loss": Eq. 1's sum)."""
+    if run.cfg.compile and run.cfg.compile_mode == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are consumed: reuse them
+    out = runner(batch, itc_only)
+    run.usage.add(out)
+    named = dict(loss=out.total, mlm=out.losses.mlm, itm=out.losses.itm, itc=out.losses.itc)
+    return {k: v for k, v in named.items() if v is not None}
 
 
 def check_itc_start(run: Run, itc: float) -> None:
@@ -322,13 +303,6 @@ def check_itc_start(run: Run, itc: float) -> None:
         print0(run.rt, f"\nwarning: the ITC-only start ended at step {state['step']} with ITC still near "
                        f"chance (moving average {state['itc_average']:.3f}, ln B = {chance:.3f}); retrieval "
                        "will stay near chance (try another --seed)")
-
-
-def step_mean(acc: dict | None, out: StepOutput, accum: int) -> dict[str, torch.Tensor]:
-    """Running mean of the detached losses over the micro-batches of one step (no host sync)."""
-    d = dict(loss=out.total, mlm=out.losses.mlm, itm=out.losses.itm, itc=out.losses.itc)
-    d = {k: v.detach() / accum for k, v in d.items() if v is not None}
-    return d if acc is None else {k: v + acc[k] for k, v in d.items()}
 
 
 def micro_batches(dataset, micro: int, cfg: TrainConfig, state: dict, device: torch.device):
@@ -369,11 +343,8 @@ class PromptUsage:
 
 
 def save(run: Run) -> None:
-    if run.rt.master:
-        save_checkpoint(Path(run.cfg.out) / "checkpoint.safetensors", run.model, run.optimizer, run.scaler,
-                        run.state, run.model.config, run.cfg)
-    barrier(run.rt)
-    run.clock.restart()
+    save_on_rank0(lambda: save_checkpoint(Path(run.cfg.out) / "checkpoint.safetensors", run.model, run.optimizer,
+                                          run.scaler, run.state, run.model.config, run.cfg), run.rt, run.clock)
 
 
 def drop_rows_after(log: Path, step: int) -> None:

@@ -16,3 +16,25 @@ def test_the_gpu_command_runs_end_to_end_on_the_cpu(tmp_path, monkeypatch, capsy
     assert [r["source"] for r in result["data_rows"]][1:] == ["loader, 0 workers, 64 px files"]
     assert result["data_rows"][0]["source"].startswith("fastest step: eager B=")
     assert "samples/s" in capsys.readouterr().out
+
+
+def test_the_gpu_command_runs_its_compiled_row(tmp_path, monkeypatch):
+    """The compiled row of `bench.py gpu` (the CPU gets no CUDA-graph row): the step through
+    torch.compile(fullgraph=True), its compile timed apart, the same losses as eager. The
+    aot_eager backend makes the same TorchDynamo graph and AOTAutograd split without generating
+    code (inductor's code generation: test_compile.py)."""
+    import functools
+
+    import torch
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    torch._dynamo.reset()
+    bench.main(["gpu", "--device", "cpu", "--preset", "tiny", "--batches", "4", "--compiled-batch", "4",
+                "--render", "8", "--workers", "0", "--data-batches", "1", "--repeats", "1", "--warmup", "0",
+                "--check-losses"])
+    result = json.loads((tmp_path / "bench_results" / "gpu.json").read_text())
+    assert [r["variant"] for r in result["rows"]] == ["eager B=4", "compile B=4"]
+    compiled = result["rows"][1]
+    assert compiled["compile_s"] > 0 and compiled["samples_per_s"] > 0
+    assert result["compile_s"]["compile B=4"] == compiled["compile_s"]
+    assert result["max_loss_diff"]["compile B=4"] < 1e-4  # against the eager step on the same batch

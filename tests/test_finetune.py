@@ -1,6 +1,7 @@
 """Fine-tuning: task heads and losses against hand computations, short runs end to end, best-epoch
 selection on val only, test evaluated once on the best checkpoint, VQA out-of-vocabulary answers,
-clear errors for label-count and vocabulary mismatches, and a 2-process DDP run."""
+clear errors for label-count and vocabulary mismatches, a 2-process DDP run, micro-batch accumulation
+against the full batch, and frozen parts (--freeze) unchanged."""
 import dataclasses
 import functools
 import json
@@ -12,13 +13,15 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 import finetune as ft
 import runtime
 import synth
-from checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+import tasks
+from checkpoint import CheckpointError, load_pretrained, read_checkpoint, save_checkpoint
 from data import TaskDataset, make_loader, read_manifest, stratified_subset, write_manifest
 from losses import itc_loss
 from model import PTUnifier
@@ -79,7 +82,7 @@ def test_head_loss_and_input_kind(bench, task):
             torch.testing.assert_close(loss, itc_loss(image_emb, text_emb, scale))
             return
         assert outputs.shape == (6, n)
-        fused = model.backbone(**ft.INPUTS[spec.inputs](batch))
+        fused = model.backbone(**tasks.INPUTS[spec.inputs](batch))
         torch.testing.assert_close(outputs, model.head(fused.joint))  # the head reads the joint 2H
     y = batch.labels
     if task == "tc":  # the encoded pair, visual prompts for the image
@@ -103,7 +106,7 @@ def test_decoder_head_teacher_forcing_loss(bench, task):
     batch = first_batch(root, tok, task)
     with torch.no_grad():
         logits, loss = model.outputs(batch), model(batch)
-        fused = model.backbone(**ft.INPUTS[ft.TASKS[task].inputs](batch))
+        fused = model.backbone(**tasks.INPUTS[ft.TASKS[task].inputs](batch))
     B, T = batch.target_ids.shape
     assert logits.shape == (B, T - 1, tok.vocab_size)
     assert (fused.image_prompt_indices is not None) == (task == "ts")  # ts: text + visual prompts
@@ -158,11 +161,34 @@ def test_short_run_writes_results_and_evaluates_test_once(bench, tmp_path, monke
     assert saved["select"] in saved["test"] and saved["select"] in saved["history"][0]["val"]
     assert set(saved["n"]) == {"train", "val", "test"}
     assert (tmp_path / "best.safetensors").is_file()
+    assert saved["best_val"] == saved["history"][0]["val"][saved["select"]]
+    assert math.isfinite(saved["history"][0]["train_loss"])
+    assert saved["n"]["test"] == len(read_manifest(root / task, "test")[0])
+    if task in ("ic", "tc"):  # the test score recomputed from best.safetensors, by scikit-learn
+        assert saved["test"][saved["select"]] == pytest.approx(sklearn_test_score(root, tmp_path, task), abs=1e-6)
     if task in ("ts", "itg"):
         nlg = {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider", "meteor", "meteor_error"}
         assert nlg <= set(saved["test"]) and nlg <= set(saved["history"][0]["val"])
         assert saved["history"][0]["val"]["meteor"] is None  # METEOR only on the final test
         assert "with_meteor=False" not in str(saved["test"]["meteor_error"])
+
+
+def sklearn_test_score(root, out, task) -> float:
+    """Macro AUROC (ic, over classes with both labels) or accuracy (tc) of OUT/best.safetensors on
+    the test split, with scikit-learn on the head's outputs."""
+    from sklearn.metrics import accuracy_score, roc_auc_score
+    backbone, meta, tensors = load_pretrained(out / "best.safetensors")
+    model = tasks.load_finetuned(out / "best.safetensors", backbone, meta, tensors).eval()
+    tok = Tokenizer.load(root / "tokenizer.json")
+    ds = TaskDataset(root / task, "test", tok, backbone.config.image_size, backbone.config.max_text_len, train=False)
+    with torch.no_grad():
+        outputs, labels = zip(*[(model.outputs(b).float(), b.labels) for b in
+                                make_loader(ds, 5, train=False, seed=0, distributed=False, num_workers=0)])
+    outputs, labels = torch.cat(outputs).numpy(), torch.cat(labels).numpy()
+    if task == "tc":
+        return accuracy_score(labels, outputs.argmax(1))
+    both = [c for c in range(labels.shape[1]) if 0 < labels[:, c].sum() < len(labels)]
+    return float(np.mean([roc_auc_score(labels[:, c], outputs[:, c]) for c in both]))
 
 
 def test_best_epoch_is_chosen_on_val_and_test_uses_its_checkpoint(bench, tmp_path, monkeypatch):
@@ -336,10 +362,11 @@ def test_vocabulary_mismatch_is_a_clear_error(bench, tmp_path):
 def test_two_process_ddp_fine_tuning_uses_global_negatives(bench, tmp_path):
     """torchrun with 2 gloo processes fine-tunes retrieval; rank 0 alone reports and writes.
 
-    Global batch 8 = 2 ranks x 4: at the start, with unaligned embeddings, ITC over the gathered
-    batch is nearer ln 8 = 2.08 than ln 4 = 1.39, which a per-rank loss would be near (2.75 on
-    the official prompt path, 2026-12-08; the spread embeddings at scale 10 put it above chance).
-    The rates are ~0, so that both steps' losses are the starting one whatever the recipe's rates are.
+    Global batch 8 = 2 ranks x 4, the rates ~0 (both steps' losses are the starting one): the
+    logged loss (the mean over the ranks) is the one-process loss over the same 8 samples, up to
+    the conv stem's per-rank BatchNorm statistics; ITC over each rank's own 4 rows would be
+    another number, nearer ln 4 = 1.39 than the global batch's, which is nearer ln 8 = 2.08
+    (2.75 on the official prompt path: the spread embeddings at scale 10 put it above chance).
     """
     root, _ = bench
     out = tmp_path / "ddp"
@@ -355,7 +382,9 @@ def test_two_process_ddp_fine_tuning_uses_global_negatives(bench, tmp_path):
     assert saved["task"] == "retrieval" and saved["best_epoch"] == 1
     assert {"i2t_r1", "t2i_r1", "mean_recall"} <= set(saved["test"])
     assert proc.stdout.count("test, best epoch") == 1  # printed by rank 0 only
+    one = ft.finetune(ft.parse_args([*args[:7], str(tmp_path / "one"), *args[8:]]))  # the same, one process
     loss = saved["history"][0]["train_loss"]
+    assert abs(loss - one["history"][0]["train_loss"]) < 0.1
     assert abs(loss - math.log(8)) < abs(loss - math.log(4))
 
 
@@ -404,3 +433,105 @@ def test_blank_inputs_fill_the_missing_modality(bench):
     assert pixels.shape == (len(text_batch), 3, 64, 64) and not pixels.any()
     out = backbone(**tc.fusion_inputs(text_batch))
     assert out.image_prompt_indices is None and out.image.shape[1] == 1 + 16  # a real (blank) image
+
+
+# ----------------------------------------------------------------------------- accumulation, freezing
+
+
+def one_step(root, tmp_path, name, **kw):
+    """A fine-tune's run after its first optimisation step (in this process, on the CPU)."""
+    rt = runtime.Runtime(torch.device("cpu"), 0, 1, 0, None)
+    run = ft.start_finetune(run_cfg(root, kw.pop("task", "tc"), tmp_path / name, **kw).resolved(), rt)
+    stop = runtime.StopSignal()
+    try:
+        ft.train_epoch(run, stop)
+    finally:
+        stop.restore()
+    return run
+
+
+def test_micro_batches_accumulate_the_full_batch_gradient(bench, tmp_path):
+    """--micro-batch 2 (4 forwards, DDP-free here) gives the global batch of 8 its one-forward
+    gradient: Adam's first moment after step 1 is (1 - beta1) x the gradient, compared per tensor
+    relative to its own size (TC: a per-sample mean loss, no BatchNorm on its text-only path)."""
+    root, _ = bench
+    full, micro = one_step(root, tmp_path, "full"), one_step(root, tmp_path, "micro", micro_batch=2)
+    assert full.micro_batch == 8 and micro.micro_batch == 2
+    params = dict(full.model.named_parameters())
+    moments = 0
+    for (name, p), q in zip(params.items(), micro.model.parameters(), strict=True):
+        a, b = full.optimizer.state.get(p), micro.optimizer.state.get(q)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            scale = a["exp_avg"].abs().max().item()
+            assert scale > 0, name
+            torch.testing.assert_close(b["exp_avg"], a["exp_avg"], rtol=0, atol=1e-4 * scale, msg=name)
+            moments += 1
+    assert moments > 50
+    assert full.state["epoch_losses"] == pytest.approx(micro.state["epoch_losses"], rel=1e-5)
+
+
+def test_micro_batch_must_divide_the_per_process_batch(bench, tmp_path):
+    root, _ = bench
+    with pytest.raises(SystemExit, match="multiple of --micro-batch 3"):
+        one_step(root, tmp_path, "bad", micro_batch=3)
+
+
+@pytest.mark.parametrize("freeze", ["encoders", "backbone"])
+def test_frozen_parts_keep_their_weights_and_get_no_optimizer_state(bench, tmp_path, freeze):
+    """--freeze: after a step the frozen parameters equal the loaded ones to the bit and have no
+    AdamW state, run in eval mode, and everything else trained."""
+    root, tok = bench
+    run = one_step(root, tmp_path, freeze, task="ic", freeze=freeze)
+    loaded = {k[len("model/"):]: v for k, v in read_checkpoint(root / "pre.safetensors")[1].items()}
+    frozen = {"encoders": ("vision.", "text."), "backbone": ("",)}[freeze]
+    backbone = run.model.backbone
+    for name, p in backbone.named_parameters():
+        if name.startswith(frozen):
+            assert not p.requires_grad and p not in run.optimizer.state, name
+            assert torch.equal(p, loaded[name]), name
+    trainable = [p for p in run.model.parameters() if p.requires_grad]
+    assert {id(p) for p in run.optimizer.state} <= {id(p) for p in trainable}  # unused ones (the other pool) have none
+    assert all(p in run.optimizer.state for p in run.model.head.parameters())
+    assert sum(len(g["params"]) for g in run.optimizer.param_groups) == len(trainable)
+    assert not backbone.vision.training and not backbone.text.training
+    assert run.model.head.training and backbone.fusion.training == (freeze == "encoders")
+    if freeze == "encoders":  # the fusion module trained
+        assert any(not torch.equal(p, loaded["fusion." + n]) for n, p in backbone.fusion.named_parameters())
+
+
+def test_freeze_backbone_leaves_retrievals_heads_trainable(bench):
+    """Retrieval's task layers are the backbone's ITC and ITM heads: they alone train."""
+    _, tok = bench
+    model = ft.FinetuneModel(tiny_backbone(tok), ft.TASKS["retrieval"], freeze="backbone")
+    b = model.backbone
+    heads = {id(p) for m in (b.itc_image, b.itc_text, b.itm_head) for p in m.parameters()}
+    assert {id(p) for p in model.parameters() if p.requires_grad} == heads
+
+
+def test_a_fine_tuning_step_reads_the_device_once(bench, tmp_path, monkeypatch):
+    """The fine-tune's step is the pre-training's guarded step: one read from the device (the
+    verdict's `tolist`) per step, where it used to read the loss twice."""
+    from test_step import SyncCounter
+    root, _ = bench
+    reads = []
+
+    def counted(*args, **kw):
+        with SyncCounter() as counter:
+            out = runtime.guarded_step(*args, **kw)
+        reads.append(counter.syncs)
+        return out
+    monkeypatch.setattr(ft, "guarded_step", counted)
+    one_step(root, tmp_path, "reads", task="ic", max_steps_per_epoch=2)
+    assert reads == [["tolist"], ["tolist"]]
+
+
+def test_a_non_finite_fine_tuning_loss_skips_the_step_and_leaves_the_model_as_it_was(bench, tmp_path, monkeypatch):
+    root, _ = bench
+    monkeypatch.setitem(ft.TASKS, "ic", dataclasses.replace(ft.TASKS["ic"], loss=lambda out, b: out.sum() * math.nan))
+    run = one_step(root, tmp_path, "nan", task="ic")
+    assert run.state["skipped_steps"] == 1 and run.state["step"] == 1 and run.state["epoch_losses"] == []
+    loaded = read_checkpoint(root / "pre.safetensors")[1]
+    for name, value in run.model.backbone.state_dict().items():  # parameters and BatchNorm statistics
+        assert torch.equal(value, loaded["model/" + name]), name
+    assert not run.optimizer.state

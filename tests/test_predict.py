@@ -75,6 +75,10 @@ def finetuned(bench):
         model = ft.FinetuneModel(backbone, ft.TASKS[task], len(names)).eval()
         if task == "retrieval":  # its own ITC space: the pre-training checkpoint's, moved
             torch.nn.init.normal_(backbone.itc_image.proj.weight, std=0.1)
+        if model.decoder is not None:  # texts that depend on the input: strong cross-attention
+            for layer in model.decoder.layers:
+                for weight in layer.cross_attn.parameters():
+                    torch.nn.init.normal_(weight, std=0.5)
         path = root / f"{task}.safetensors"
         ft.save_finetuned(path, model, names, cfg, {"epoch": 1}, {})
         out[task] = (path, model, ft.EvalContext(root / task, tok, names, setup_runtime("cpu"), cfg))
@@ -197,19 +201,19 @@ def test_zero_shot_classify_equals_zero_shot_class_scores(bench, capsys):
     root, tok, model = bench
     paths, records = paths_of(root, "ic")
     p = load(root / "pre.safetensors")
-    rows = p.classify(paths)
+    rows = p.zero_shot_classify(paths)
     scores, _, classes = zero_shot_class_scores(model, root / "ic", "test", tok, CPU, BATCH, num_workers=0)
     assert classes == synth.IC_CLASSES and [r["path"] for r in rows] == [str(x) for x in paths]
     assert np.array_equal(np.array([[r["scores"][c] for c in classes] for r in rows]), scores)
 
     custom = {c: (f"Findings show {c}.", f"No {c} is seen.") for c in classes}
-    rows = p.classify(paths, [f"{pos} | {neg}" for pos, neg in custom.values()])
+    rows = p.zero_shot_classify(paths, [f"{pos} | {neg}" for pos, neg in custom.values()])
     scores, _, _ = zero_shot_class_scores(model, root / "ic", "test", tok, CPU, BATCH, prompts=custom, num_workers=0)
     assert np.array_equal(np.array([list(r["scores"].values()) for r in rows]), scores)
 
     # Plain sentences share one softmax: recomputed here one input at a time through the model.
     labels = ["There is a large effusion.", "The lungs are clear.", "A device is present."]
-    rows = p.classify(paths[:3], labels)
+    rows = p.zero_shot_classify(paths[:3], labels)
     with torch.no_grad():
         text = torch.cat([model.itc_text(model(input_ids=tok.encode([s], 64)[0]).joint) for s in labels])  # [3, E]
         for r, path in zip(rows, paths):
@@ -273,6 +277,7 @@ def test_report_and_summarize_equal_the_generation_evaluation(bench, finetuned, 
     path, model, ctx = finetuned[task]
     with torch.no_grad():
         generated = list(ft.generations(model, ctx, "test")[0].values())  # what score_generation scores
+    assert len(set(generated)) >= len(generated) // 2  # each input's own text, so the order is checked too
     p = load(path)
     if task == "itg":
         rows = p.report(paths_of(root, "itg")[0])
@@ -300,7 +305,7 @@ def test_bad_images_are_named_or_skipped(bench, tmp_path, capsys):
     p = load(root / "pre.safetensors")
     for name, bad in bad_images(tmp_path, paths[0]).items():
         with pytest.raises(UnreadableImage, match=str(bad)):
-            p.classify([paths[0], bad])
+            p.zero_shot_classify([paths[0], bad])
     with pytest.raises(SystemExit, match=f"predict.py search: {bad}: cannot decode image"):
         predict.main(["search", "--checkpoint", str(root / "pre.safetensors"), "--device", "cpu",
                       "--images", str(paths[0]), str(bad), "--query", "a left pleural effusion"])
@@ -308,7 +313,7 @@ def test_bad_images_are_named_or_skipped(bench, tmp_path, capsys):
     bad = list(bad_images(tmp_path, paths[0]).values())
     skipping = load(root / "pre.safetensors", skip_bad=True)
     mixed = [bad[0], paths[0], bad[1], paths[1], paths[2], bad[2], bad[3], paths[3]]
-    kept, expected = skipping.classify(mixed), p.classify(paths[:4])  # batches differ: the last bits may
+    kept, expected = skipping.zero_shot_classify(mixed), p.zero_shot_classify(paths[:4])  # batches differ: the last bits may
     assert [r["path"] for r in kept] == [r["path"] for r in expected]
     for a, b in zip(kept, expected):
         assert a["scores"] == pytest.approx(b["scores"], abs=1e-6)
@@ -329,7 +334,7 @@ def test_empty_texts_are_refused_by_name(bench, finetuned, tmp_path):
     with pytest.raises(PredictError, match="query 2 is empty"):
         p.search(["a left effusion", " \t"], paths)
     with pytest.raises(PredictError, match="label 1 is empty"):
-        p.classify(paths, ["", "There is a device."])
+        p.zero_shot_classify(paths, ["", "There is a device."])
     with pytest.raises(SystemExit, match="query 1 is empty"):
         predict.main(["search", "--checkpoint", str(root / "pre.safetensors"), "--images", str(paths[0]),
                       "--query", ""])
@@ -380,8 +385,10 @@ def test_checkpoints_of_the_wrong_kind_are_refused(bench, finetuned):
             predict.main([command, "--checkpoint", str(finetuned["ic"][0]), "--device", "cpu", *args])
     with pytest.raises(PredictError, match="ITC space of a pre-training or retrieval checkpoint; .* for vqa"):
         load(finetuned["vqa"][0]).search("an effusion", paths)
-    with pytest.raises(PredictError, match="scores its own findings"):
-        load(finetuned["ic"][0]).classify(paths, ["There is effusion. | There is no effusion."])
+    with pytest.raises(PredictError, match="zero-shot classify reads the ITC space .* fine-tuned for ic"):
+        load(finetuned["ic"][0]).zero_shot_classify(paths, ["There is effusion. | There is no effusion."])
+    with pytest.raises(PredictError, match=r"classify needs a checkpoint fine-tuned .*--task ic\).*pre-training"):
+        load(root / "pre.safetensors").classify(paths)
 
 
 def test_foreign_or_corrupt_checkpoints_get_the_loaders_error(bench, tmp_path):
@@ -411,3 +418,26 @@ def test_foreign_or_corrupt_checkpoints_get_the_loaders_error(bench, tmp_path):
                             tmp_path / "other.json")
     with pytest.raises(CheckpointError, match=rf"vocab_size={tok.vocab_size}.*vocab_size={other.vocab_size}"):
         load(root / "pre.safetensors", tokenizer=tmp_path / "other.json")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--top", "0"], "argument --top: expected an integer of at least 1, got 0"),
+    (["--batch-size", "0"], "argument --batch-size: expected an integer of at least 1, got 0"),
+    (["--batch-size", "-3"], "argument --batch-size: expected an integer of at least 1, got -3"),
+])
+def test_flags_out_of_range_are_refused_by_name(bench, capsys, flags, message):
+    root, _, _ = bench
+    paths, _ = paths_of(root, "ic")
+    with pytest.raises(SystemExit):
+        predict.main(["search", "--checkpoint", str(root / "pre.safetensors"), "--images", str(paths[0]),
+                      "--query", "an effusion", *flags])
+    assert message in capsys.readouterr().err
+
+
+def test_device_cuda_without_cuda_says_so(bench, monkeypatch):
+    root, _, _ = bench
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without CUDA
+    paths, _ = paths_of(root, "ic")
+    with pytest.raises(SystemExit, match="--device cuda: no CUDA device is visible to torch .*use --device cpu or auto"):
+        predict.main(["search", "--checkpoint", str(root / "pre.safetensors"), "--images", str(paths[0]),
+                      "--query", "an effusion", "--device", "cuda"])

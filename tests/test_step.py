@@ -1,5 +1,5 @@
-"""The pre-training step (step.py): its speed mechanisms equal the paper's plain path, and it never
-reads a value back from the device."""
+"""The pre-training step (step.py): the MLM pass fused at its rows equals the full pass, and the
+step never reads a value back from the device (its equality with the plain passes: test_train.py)."""
 import argparse
 import dataclasses
 
@@ -12,10 +12,10 @@ import bench
 import train
 from data import mlm_positions
 from losses import LossWeights
-from model import PTUnifier
+from model import PTUnifier, gather_rows
 from recipes import RECIPES
 from runtime import Runtime
-from step import PretrainStep, fused_text_at, gather_positions
+from step import PretrainStep
 from tokenizer import round_up
 
 aten = torch.ops.aten
@@ -42,7 +42,7 @@ def test_mlm_positions_lists_the_masked_positions_then_zeros():
 
 
 def test_fusing_only_the_mlm_positions_equals_the_full_pass():
-    """step.fused_text_at (the last layer fuses only the wanted text rows and skips the image
+    """Fusion's text_rows (the last layer fuses only the wanted text rows and skips the image
     stream and the poolers) equals the full fusion pass gathered at those positions, for 1 and 2
     fusion layers, with pads and with filler positions."""
     for layers in (1, 2):
@@ -53,9 +53,11 @@ def test_fusing_only_the_mlm_positions_equals_the_full_pass():
         mask[2, 6:] = 0
         positions = torch.tensor([[1, 4, 8, 0], [3, 0, 0, 0], [2, 5, 0, 0]])  # [B, P]
         image, text = model.encode_image(torch.randn(3, 3, 64, 64)), model.encode_text(ids, mask)
-        full = gather_positions(model.fuse_encoded(image, text).text, positions)
+        full = gather_rows(model.fuse_encoded(image, text).text, positions)
         assert full[0, 1].equal(model.fuse_encoded(image, text).text[0, 4])
-        torch.testing.assert_close(fused_text_at(model, text, image, positions), full, rtol=1e-5, atol=1e-5)
+        rows = model.fuse_encoded(image, text, text_rows=positions)
+        assert rows.image is None and rows.joint is None
+        torch.testing.assert_close(rows.text, full, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- device syncs

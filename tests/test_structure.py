@@ -41,8 +41,9 @@ def test_the_layers_hold():
     assert imports_of(MODULES["runtime"]) == set()
     assert imports_of(MODULES["tokenizer"]) == set()  # text cleaning and tokens, below the data layer
     # Using a trained model (predict.py) stands on the evaluation code, below the benchmark.
-    assert {"zeroshot", "finetune", "checkpoint", "data"} <= imports_of(MODULES["predict"])
-    assert not imports_of(MODULES["predict"]) & {"train", "evaluate", "prepare", "bench"}
+    assert {"zeroshot", "tasks", "checkpoint", "data"} <= imports_of(MODULES["predict"])
+    assert not imports_of(MODULES["predict"]) & {"train", "finetune", "evaluate", "prepare", "bench"}
+    assert not imports_of(MODULES["tasks"]) & {"train", "finetune", "runtime", "data"}  # no script, no loop
 
 
 def test_no_source_file_over_900_lines():

@@ -25,7 +25,7 @@
 # way round.
 #
 # Code: `train.py` (`train`, `train_step`, `PretrainStep`), `recipes.py` (the tiny recipe, each
-# choice measured in docs/NOTES.md section 4), `zeroshot.retrieval`.
+# choice measured in docs/NOTES.md section 4), `zeroshot.zero_shot_retrieval`.
 
 # %% tags=["setup"]
 # Find the project: Jupyter starts the kernel in this notebook's folder (labs/NN-slug/ of a clone).

@@ -22,7 +22,7 @@
 # encoder sees the kind of input it was pre-trained on. The simple alternative is a blank input:
 # the empty text `<s></s>`, or a constant image.
 #
-# Code: `finetune.FinetuneModel` (`fusion_inputs`), `finetune.py --missing prompts|blank`.
+# Code: `tasks.FinetuneModel` (`fusion_inputs`), `finetune.py --missing prompts|blank`.
 
 # %% tags=["setup"]
 # Find the project: Jupyter starts the kernel in this notebook's folder (labs/NN-slug/ of a clone).
