@@ -56,8 +56,11 @@ import os
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from data import MIN_WORDS, normalize_answer, write_manifest
+from copies import copy_name, make_copies
+from data import MIN_WORDS, atomic_write, normalize_answer, write_manifest
+from dicom import import_pydicom, is_dicom
 from tokenizer import clean_text
 
 
@@ -462,50 +465,23 @@ def convert_chexpert(args) -> list[Output]:
 RSNA_CSV = "stage_2_train_labels.csv"
 
 
-def import_pydicom():
-    """pydicom is needed by the rsna converter only, so it is imported here, lazily."""
-    try:
-        import pydicom
-    except ImportError:
-        raise SystemExit("prepare.py rsna needs pydicom to read DICOM: pip install pydicom")
-    return pydicom
-
-
-def dicom_to_png(pydicom, dcm_path: str, png_path: str) -> None:
-    """8-bit PNG of a DICOM: pixels / max * 255, inverted for MONOCHROME1."""
-    import numpy as np
-    from PIL import Image
-    ds = pydicom.dcmread(dcm_path)
-    pixels = ds.pixel_array.astype(np.float64)
-    peak = pixels.max()
-    pixels = pixels / peak * 255.0 if peak > 0 else pixels
-    if ds.PhotometricInterpretation == "MONOCHROME1":
-        pixels = 255.0 - pixels
-    Image.fromarray(np.round(pixels).astype(np.uint8)).save(png_path)
-
-
 def convert_rsna(args) -> list[Output]:
-    """RSNA Pneumonia stage 2 -> ic (label = any box), DICOM -> PNG, seeded 70/15/15 split."""
-    pydicom, dropped, positive = import_pydicom(), Counter(), {}
+    """RSNA Pneumonia stage 2 -> ic (label = any box), seeded 70/15/15 split; the DICOMs are read
+    by dicom.read_dicom (as training copies, or directly with --image-size 0)."""
+    import_pydicom()
+    dropped, positive = Counter(), {}
     path = os.path.join(args.src, RSNA_CSV)
     for line, row in read_csv(path, ["patientId", "Target"]):
         if row["Target"] not in ("0", "1"):
             raise PrepareError(f"{path}:{line}: Target {row['Target']!r}: expected 0 or 1")
         positive[row["patientId"]] = positive.get(row["patientId"], False) or row["Target"] == "1"
-    os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
-    kept = []
-    for pid in sorted(positive):
-        dcm = f"stage_2_train_images/{pid}.dcm"
-        if image_exists(args.src, dcm, dropped):
-            dicom_to_png(pydicom, os.path.join(args.src, dcm),
-                         os.path.join(args.out, "images", f"{pid}.png"))
-            kept.append(pid)
+    kept = [pid for pid in sorted(positive)
+            if image_exists(args.src, f"stage_2_train_images/{pid}.dcm", dropped)]
     n_held = round(0.15 * len(kept))
     split_of = seeded_holdout(kept, {"val": n_held, "test": n_held}, args.seed)
-    records = [{"id": pid, "split": split_of[pid], "image": f"images/{pid}.png",
+    records = [{"id": pid, "split": split_of[pid], "image": f"stage_2_train_images/{pid}.dcm",
                 "labels": [int(positive[pid])]} for pid in kept]
-    return [Output(args.out, "ic", records, dropped, os.path.abspath(args.out),
-                   {"classes": ["Pneumonia"]})]
+    return [Output(args.out, "ic", records, dropped, args.src, {"classes": ["Pneumonia"]})]
 
 
 NLI_CLASSES = ["contradiction", "entailment", "neutral"]
@@ -720,6 +696,36 @@ def write_output(out: Output, name: str, args) -> dict:
     return meta
 
 
+def use_copies(outputs: list[Output], args) -> list[Output]:
+    """Make the training-size copies of every image the outputs reference (copies.py) in
+    <out>/images_<size>px and point the outputs at them; unreadable sources are dropped, counted
+    ('unreadable_image') and listed in <out>/unreadable_images.txt."""
+    roots = {os.path.abspath(o.image_root) for o in outputs if o.image_root}
+    if not roots:
+        return outputs
+    (root,) = roots  # every converter reads one image folder
+    rels = sorted({r["image"] for o in outputs if o.image_root for r in o.records})
+    if any(map(is_dicom, rels)):
+        import_pydicom()
+    folder = os.path.abspath(os.path.join(args.out, f"images_{args.image_size}px"))
+    failed = make_copies(root, rels, folder, args.image_size, args.workers)
+    listing = os.path.join(args.out, "unreadable_images.txt")
+    if failed:
+        os.makedirs(args.out, exist_ok=True)
+        atomic_write(Path(listing), "".join(f"{rel}\t{why}\n" for rel, why in sorted(failed.items())))
+        print(f"{len(failed)} unreadable images left out, listed in {listing}")
+    elif os.path.exists(listing):
+        os.unlink(listing)
+    for o in outputs:
+        if o.image_root:
+            kept = [{**r, "image": copy_name(r["image"])} for r in o.records if r["image"] not in failed]
+            if len(kept) < len(o.records):
+                o.dropped["unreadable_image"] += len(o.records) - len(kept)
+            o.records, o.image_root = kept, folder
+            o.extra = {**o.extra, "image_size": args.image_size, "originals": root}
+    return outputs
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -728,6 +734,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--src", required=True, help="root folder of the raw release")
     p.add_argument("--out", required=True, help="task folder to write, e.g. data/roco")
     p.add_argument("--seed", type=int, default=42, help="seed of every random split / sample")
+    p.add_argument("--image-size", type=int, default=512,
+                   help="write copies of the images with this shorter side (pixels) into "
+                        "OUT/images_<size>px and train from them (512 serves the 288-px pre-training "
+                        "and 384-px fine-tuning crops); 0: point at the originals (every epoch then "
+                        "decodes full-size files)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="processes making the copies (default: one per core)")
     g = p.add_argument_group("roco-retrieval")
     g.add_argument("--eval-cap", type=int, default=2000, help="max val and test pairs each")
     g = p.add_argument_group("medicat / chexpert / vqa-rad hold-out sizes")
@@ -767,7 +780,10 @@ def main(argv=None) -> list[dict]:
     args = build_parser().parse_args(argv)
     if args.val_size is None:
         args.val_size = DEFAULT_VAL_SIZE.get(args.dataset, 0)
-    return [write_output(out, args.dataset, args) for out in CONVERTERS[args.dataset](args)]
+    outputs = CONVERTERS[args.dataset](args)
+    if args.image_size:
+        outputs = use_copies(outputs, args)
+    return [write_output(out, args.dataset, args) for out in outputs]
 
 
 if __name__ == "__main__":
