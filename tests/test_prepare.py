@@ -334,26 +334,7 @@ def test_chexpert_unknown_label_names_file_and_line(tmp_path):
 
 # ----------------------------------------------------------------------------- RSNA
 
-def write_dicom(path, pixels, photometric):
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-    file_meta = FileMetaDataset()
-    file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = file_meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = file_meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.PixelData = pixels.astype("<u2").tobytes()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-
-
-def test_rsna(tmp_path):
+def test_rsna(tmp_path, write_dicom):
     src, out = tmp_path / "rsna", tmp_path / "out"
     pixels = np.array([[0, 50], [100, 200]])
     rows = []
@@ -363,7 +344,7 @@ def test_rsna(tmp_path):
         rows.append((pid, "1", "2", "3", "4", "1") if target == "1" else (pid, "", "", "", "", "0"))
         if i == 0:
             rows.append((pid, "5", "6", "7", "8", "1"))  # a second box of the same patient
-        write_dicom(str(src / "stage_2_train_images" / f"{pid}.dcm"), pixels,
+        write_dicom(src / "stage_2_train_images" / f"{pid}.dcm", pixels,
                     "MONOCHROME1" if i == 1 else "MONOCHROME2")
     rows.append(("ghost", "", "", "", "", "0"))  # no DICOM
     write_csv(str(src / prepare.RSNA_CSV),
