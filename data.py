@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dicom import DicomError, is_dicom, read_dicom
+from dicom import SUFFIXES as DICOM_SUFFIXES, DicomError, is_dicom, read_dicom
 from tokenizer import Tokenizer, clean_text, round_up
 
 SPLITS = ("train", "val", "test")
@@ -239,6 +239,10 @@ MAX_IMAGE_PIXELS = 64_000_000
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# The file extensions load_image reads: the image formats PIL opens, and DICOM's.
+IMAGE_SUFFIXES = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN} | set(DICOM_SUFFIXES)
 
 
 class UnreadableImage(OSError):

@@ -52,15 +52,12 @@ from tqdm import tqdm
 
 import synth
 from checkpoint import CheckpointError, atomic_save, load_pretrained
-from data import Batch, UnreadableImage, image_to_tensor, load_image
-from dicom import SUFFIXES as DICOM_SUFFIXES
+from data import IMAGE_SUFFIXES, Batch, UnreadableImage, image_to_tensor, load_image
 from finetune import FinetuneConfig, generate_texts, load_finetuned, vocabulary_mismatch
 from runtime import Runtime, setup_runtime
 from tokenizer import Tokenizer, clean_text, locate_tokenizer
 from zeroshot import default_label_sentences, image_embeddings, present_probabilities, sentence_embeddings
 
-# The file extensions of the image formats PIL can open, and DICOM's (load_image reads any of them).
-IMAGE_SUFFIXES = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN} | set(DICOM_SUFFIXES)
 TASK_NAMES = {"ic": "image classification", "tc": "natural-language inference", "ts": "summarization",
               "itg": "report generation", "vqa": "visual question answering", "retrieval": "retrieval"}
 

@@ -49,13 +49,15 @@ Malformed input (bad CSV row, bad JSON line, unknown label value) raises Prepare
 file and the line (or, inside a JSON array, the entry index).
 """
 import argparse
+import csv
+import json
 import os
 import random
 from collections import Counter, defaultdict
 from pathlib import Path
 
 from copies import copy_name, make_copies
-from data import atomic_write, normalize_answer, write_manifest
+from data import IMAGE_SUFFIXES, MIN_WORDS, atomic_write, normalize_answer, write_manifest
 from dicom import import_pydicom, is_dicom
 from tables import (Output, PrepareError, check_disjoint, find_file, image_exists, json_entries, keep_texts,
                     long_enough, open_text, read_csv, read_json, read_jsonl, require_keys, seeded_holdout,
@@ -510,6 +512,200 @@ def med19_test(args, dropped: Counter) -> list[dict]:
     return records
 
 
+# ----------------------------------------------------------------------------- your own data
+
+TABLE_COLUMNS = {  # task -> the table columns it needs (--columns FIELD=NAME renames them)
+    "pretrain": ("image", "text"), "retrieval": ("image", "text"), "itg": ("image", "report"),
+    "ic": ("image", "labels"), "vqa": ("image", "question", "answer"), "tc": ("text_a", "text_b", "label"),
+    "ts": ("source", "target")}
+OPTIONAL_COLUMNS = ("id", "split", "answer_type")
+SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val",
+               "test": "test"}
+
+
+class BadRow(ValueError):
+    """A row that cannot become a record; its message is the reason counted in meta["rows"]."""
+
+
+def table_rows(path: str, names: list[str]):
+    """Yield (line, row) of a CSV (header line) or JSONL table, row = {column: str}, or (line, BadRow)
+    for a malformed line; a CSV header without the `names` columns raises PrepareError."""
+    if path.endswith((".jsonl", ".jsonl.gz")):
+        with open_text(path) as f:
+            for line, text in enumerate(f, start=1):
+                if text.strip():
+                    try:
+                        obj = json.loads(text)
+                        yield line, obj if isinstance(obj, dict) else BadRow("malformed_row")
+                    except json.JSONDecodeError:
+                        yield line, BadRow("malformed_row")
+        return
+    with open_text(path) as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in names if c not in (reader.fieldnames or [])]
+        if missing:
+            raise PrepareError(f"{path}:1: header lacks columns {missing} (name them with --columns FIELD=NAME): "
+                               f"found {reader.fieldnames}")
+        for row in reader:
+            bad = None in row or None in row.values()
+            yield reader.line_num, BadRow("malformed_row") if bad else row
+
+
+def folder_rows(root: str):
+    """Yield (path, row) for each file of a folder-per-class tree ROOT/[SPLIT/]CLASS/...; a row is
+    {image, labels, split?} (BadRow for a file that is not an image)."""
+    top = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    splits = [d for d in top if d in SPLIT_NAMES]
+    for split_dir in splits or [""]:
+        for label in sorted(os.listdir(os.path.join(root, split_dir))):
+            for folder, _, files in sorted(os.walk(os.path.join(root, split_dir, label))):
+                for name in sorted(files):
+                    rel = os.path.relpath(os.path.join(folder, name), root)
+                    row = {"image": rel, "labels": label, **({"split": split_dir} if split_dir else {})}
+                    yield rel, row if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES else BadRow("not_an_image")
+
+
+def table_text(row: dict, column: str, min_words: int = 1) -> str:
+    text = clean_text(str(row[column]))
+    if not text:
+        raise BadRow("empty_text")
+    if len(text.split()) < min_words:
+        raise BadRow("short_text")
+    return text
+
+
+def table_label(value, classes: set | None, many: bool, sep: str) -> list[str]:
+    """The class names of one row: one (`many` False) or several (a list, or `sep`-separated)."""
+    names = value if isinstance(value, list) else str(value).split(sep) if many else [value]
+    names = [clean_text(str(n)) for n in names if clean_text(str(n))]
+    if not names:
+        raise BadRow("empty_label")
+    if classes is not None and not set(names) <= classes:
+        raise BadRow("unknown_label")
+    return names
+
+
+def table_record(task: str, row: dict, col: dict, args) -> dict:
+    """The task fields of one good row (image relative to --image-root); BadRow otherwise."""
+    missing = [f for f in TABLE_COLUMNS[task] if col[f] not in row]
+    if missing:
+        raise BadRow("missing_field")
+    fields = {}
+    if "image" in TABLE_COLUMNS[task]:
+        path = str(row[col["image"]]).strip()
+        rel = os.path.relpath(os.path.join(args.image_root, path), args.image_root) if path else ""
+        if rel.startswith(".."):
+            raise BadRow("outside_image_root")
+        if not path or not os.path.isfile(os.path.join(args.image_root, rel)):
+            raise BadRow("missing_image")
+        fields["image"] = rel.replace(os.sep, "/")
+    classes = set(args.classes) if args.classes else None
+    if task in ("pretrain", "retrieval", "itg"):
+        fields["report" if task == "itg" else "text"] = table_text(row, col[TABLE_COLUMNS[task][1]], MIN_WORDS)
+    elif task == "ts":
+        fields.update(source=table_text(row, col["source"], MIN_WORDS), target=table_text(row, col["target"], MIN_WORDS))
+    elif task == "tc":
+        fields.update(text_a=table_text(row, col["text_a"]), text_b=table_text(row, col["text_b"]),
+                      label=table_label(row[col["label"]], classes, False, "")[0])
+    elif task == "ic":
+        fields["labels"] = table_label(row[col["labels"]], classes, True, args.label_sep)
+    elif task == "vqa":
+        answer = normalize_answer(row[col["answer"]])
+        if not answer:
+            raise BadRow("empty_text")
+        kind = row.get(col["answer_type"]) or ("CLOSED" if answer in ("yes", "no") else "OPEN")
+        if str(kind).strip().upper() not in ANSWER_TYPES:
+            raise BadRow("unknown_answer_type")
+        fields.update(question=table_text(row, col["question"]), answer=answer,
+                      answer_type=ANSWER_TYPES[str(kind).strip().upper()])
+    split = row.get(col["split"], "")
+    if split not in ("", None) and str(split).strip().lower() not in SPLIT_NAMES:
+        raise BadRow("unknown_split")
+    fields["split"] = SPLIT_NAMES.get(str(split).strip().lower()) if split else None
+    return fields
+
+
+def table_outputs(task: str, kept: list[dict], args) -> list[dict]:
+    """Records from the good rows: pre-training texts grouped by image, a class list made, splits
+    given or seeded (--holdout: by image for image tasks, by row otherwise)."""
+    if task == "pretrain":
+        by_image = {}
+        for r in kept:
+            by_image.setdefault(r["image"], {"id": r["image"], "split": r["split"], "image": r["image"], "texts": []})
+            by_image[r["image"]]["texts"].append(r.pop("text"))
+        kept = list(by_image.values())
+    key = "image" if task in IMAGE_TASKS else "id"
+    unsplit = [r[key] for r in kept if r["split"] is None]
+    if unsplit:
+        n = len(set(unsplit))
+        sizes = {"val": round(args.holdout[0] * n), "test": round(args.holdout[1] * n)}
+        split_of = seeded_holdout(unsplit, sizes, args.seed)
+        kept = [{**r, "split": r["split"] or split_of[r[key]]} for r in kept]
+    return kept
+
+
+def convert_table(args) -> list[Output]:
+    """Your own CSV / JSONL table (one row per example, columns by --columns) or folder-per-class
+    tree -> the manifest of --task; every bad row is counted by reason and listed, file:line, in
+    OUT/bad_rows.txt; meta["rows"] adds up to every row read."""
+    is_folder = os.path.isdir(args.src)
+    task = "ic" if is_folder and args.task is None else args.task
+    if task not in TABLE_COLUMNS or (is_folder and task != "ic"):
+        raise SystemExit(f"prepare.py table needs --task {'ic (a folder of class folders)' if is_folder else 'one of ' + str(list(TABLE_COLUMNS))}")
+    col = {f: f for f in (*TABLE_COLUMNS[task], *OPTIONAL_COLUMNS)}
+    for pair in args.columns:
+        field_name, eq, name = pair.partition("=")
+        if not eq or field_name not in col:
+            raise SystemExit(f"--columns {pair!r}: expected FIELD=NAME with FIELD one of {list(col)}")
+        col[field_name] = name
+    args.image_root = os.path.abspath(args.image_root or (args.src if is_folder else os.path.dirname(args.src)))
+    rows = folder_rows(args.src) if is_folder else table_rows(args.src, [col[f] for f in TABLE_COLUMNS[task]])
+    kept, bad, seen, split_of_image = [], [], set(), {}
+    for where, row in rows:
+        try:
+            if isinstance(row, BadRow):
+                raise row
+            fields = table_record(task, row, col, args)
+            rid = str(row.get(col["id"]) or where)
+            if rid in seen:
+                raise BadRow("duplicate_id")
+            if task in IMAGE_TASKS and split_of_image.setdefault(fields["image"], fields["split"]) != fields["split"]:
+                raise BadRow("split_conflict")
+        except BadRow as reason:
+            bad.append((f"{args.src}:{where}" if not is_folder else where, str(reason)))
+            continue
+        seen.add(rid)
+        kept.append({"id": rid, **fields})
+    records = table_outputs(task, kept, args)
+    reasons = Counter(reason for _, reason in bad)
+    summary = {"read": len(kept) + len(bad), "kept": len(kept), **dict(sorted(reasons.items()))}
+    write_bad_rows(args.out, bad, summary)
+    extra = {"rows": summary, "columns": col, "table": os.path.abspath(args.src)}
+    if task in ("ic", "tc"):
+        key = "labels" if task == "ic" else "label"
+        classes = args.classes or sorted({c for r in records for c in (r[key] if task == "ic" else [r[key]])})
+        if task == "ic":
+            records = [{**r, "labels": [int(c in r["labels"]) for c in classes]} for r in records]
+        extra["classes"] = classes
+    root = args.image_root if "image" in TABLE_COLUMNS[task] else None
+    if task == "vqa":
+        return [vqa_output(args.out, root, records, reasons, extra)]
+    return [Output(args.out, task, records, reasons, root, extra)]
+
+
+def write_bad_rows(out: str, bad: list[tuple[str, str]], summary: dict) -> None:
+    """OUT/bad_rows.txt ('file:line<TAB>reason' a line; removed when none) and the summary printed."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "bad_rows.txt")
+    if bad:
+        atomic_write(Path(path), "".join(f"{where}\t{reason}\n" for where, reason in bad))
+        shown = "; ".join(f"{w}: {r}" for w, r in bad[:5])
+        print(f"{len(bad)} bad rows (listed in {path}), first: {shown}")
+    elif os.path.exists(path):
+        os.unlink(path)
+    print(f"rows: {summary}")
+
+
 # ----------------------------------------------------------------------------- writing / CLI
 
 CONVERTERS = {
@@ -525,6 +721,7 @@ CONVERTERS = {
     "vqa-rad": convert_vqa_rad,
     "slake": convert_slake,
     "vqa-med-2019": convert_vqa_med_2019,
+    "table": convert_table,
 }
 IMAGE_TASKS = ("pretrain", "ic", "retrieval", "itg")
 
@@ -611,6 +808,18 @@ def build_parser() -> argparse.ArgumentParser:
                                           "gold_label), e.g. the 6,000-pair pseudo-train set")
     g = p.add_argument_group("vqa-rad")
     g.add_argument("--image-dir", default="VQA_RAD Image Folder", help="image folder under SRC")
+    g = p.add_argument_group("table: your own CSV / JSONL (SRC is the file) or folder-per-class tree (SRC/CLASS/...)")
+    g.add_argument("--task", choices=sorted(TABLE_COLUMNS),
+                   help="the manifest to write; a table's columns: " + "; ".join(
+                       f"{t}: {', '.join(c)}" for t, c in TABLE_COLUMNS.items()) + " (optional: id, split, answer_type)")
+    g.add_argument("--columns", nargs="*", default=[], metavar="FIELD=NAME",
+                   help="the table's name of a column, e.g. image=path text=caption split=fold")
+    g.add_argument("--classes", nargs="+", help="ic / tc: the known class names (others are bad rows; "
+                                                "default: every label seen, sorted)")
+    g.add_argument("--label-sep", default="|", help="ic: separator of several labels in one cell")
+    g.add_argument("--image-root", help="folder the image paths are relative to (default: the table's)")
+    g.add_argument("--holdout", type=float, nargs=2, default=[0.1, 0.1], metavar=("VAL", "TEST"),
+                   help="fractions held out, seeded, when the table has no split column")
     g = p.add_argument_group("vqa-med-2019")
     g.add_argument("--keep-abnormality", action="store_true",
                    help="keep C4 abnormality questions (M3AE/PTUnifier drop them)")
