@@ -4,8 +4,10 @@ Stored values -> modality values (Rescale Slope / Intercept, C.11.1) -> the file
 first window centre / width (C.11.2, functions LINEAR, LINEAR_EXACT, SIGMOID), else the image's own
 min..max -> MONOCHROME1 inverted (its low values are white). The result stays float32 in [0, 255]:
 16-bit precision is kept until the caller makes its 8-bit copy. pydicom is optional and imported
-only here, when a DICOM is read (data.load_image, prepare.py, predict.py).
+only here, when a DICOM is read (data.load_image, prepare.py, predict.py) or written (write_dicom,
+for the tests and bench.py).
 """
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -91,3 +93,36 @@ def read_dicom(path) -> np.ndarray:
         raise DicomError(f"{path}: {e}") from None
     except Exception as e:  # pydicom's errors for a corrupt, truncated or pixel-less file
         raise DicomError(f"{path}: cannot read DICOM ({type(e).__name__}: {e})") from None
+
+
+def write_dicom(path, stored, photometric="MONOCHROME2", voi_lut=None, **elements):
+    """Write a single-frame 16-bit DICOM file (for the tests and bench.py): `stored` [H, W] (int16:
+    signed pixels, else unsigned), `elements` set by name (WindowCenter, RescaleSlope, ...),
+    `voi_lut` = (LUTDescriptor, LUTData) as a VOI LUT Sequence item."""
+    import_pydicom()
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence as DicomSequence
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    stored = np.asarray(stored)
+    signed = stored.dtype == np.int16
+    file_meta = FileMetaDataset()
+    file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = file_meta
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = file_meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, int(signed)
+    ds.PixelData = stored.astype("<i2" if signed else "<u2").tobytes()
+    for name, value in elements.items():
+        setattr(ds, name, value)
+    if voi_lut is not None:
+        item = Dataset()
+        item.add_new(0x00283002, "US", voi_lut[0])  # LUTDescriptor
+        item.add_new(0x00283006, "US", voi_lut[1])  # LUTData
+        ds.VOILUTSequence = DicomSequence([item])
+    os.makedirs(os.path.dirname(str(path)) or ".", exist_ok=True)
+    ds.save_as(str(path), enforce_file_format=True)

@@ -16,3 +16,16 @@ def test_the_gpu_command_runs_end_to_end_on_the_cpu(tmp_path, monkeypatch, capsy
     assert [r["source"] for r in result["data_rows"]][1:] == ["loader, 0 workers, 64 px files"]
     assert result["data_rows"][0]["source"].startswith("fastest step: eager B=")
     assert "samples/s" in capsys.readouterr().out
+
+
+def test_the_real_size_rows_run_and_count_cores(tmp_path, monkeypatch, capsys):
+    """`bench.py data --real-size 1`: one full-size JPEG, DICOM and prepared copy, timed once each;
+    a row per source with its cores per A100 / H100."""
+    monkeypatch.chdir(tmp_path)
+    bench.main(["data", "--batch", "8", "--render", "16", "--workers", "0", "--data-batches", "1", "--repeats", "1", "--warmup", "0",
+                "--real-size", "1", "--prepared-size", "256"])
+    rows = json.loads((tmp_path / "bench_results" / "data_tiny_cpu.json").read_text())["real_rows"]
+    assert [r["source"] for r in rows] == ["2544x3056 JPEG q95 -> 288 px", "2544x3056 DICOM 12-bit -> 288 px",
+                                           "prepared 256-px PNG copy -> 288 px"]
+    assert rows[0]["vs_jpeg"] == 1.0 and all(r["cores_h100"] > r["cores_a100"] > 0 for r in rows)
+    assert "cores/H100" in capsys.readouterr().out

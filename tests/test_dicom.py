@@ -5,16 +5,15 @@ import numpy as np
 import pytest
 
 import copies
-from conftest import save_dicom
 from data import UnreadableImage, load_image
-from dicom import read_dicom
+from dicom import read_dicom, write_dicom
 
 U16, I16 = np.uint16, np.int16
 
 
 def pixels(tmp_path, stored, photometric="MONOCHROME2", **elements):
     path = tmp_path / "x.dcm"
-    save_dicom(path, stored, photometric, **elements)
+    write_dicom(path, stored, photometric, **elements)
     return read_dicom(path)
 
 
