@@ -26,6 +26,7 @@ def test_the_real_size_rows_run_and_count_cores(tmp_path, monkeypatch, capsys):
                 "--real-size", "1", "--prepared-size", "256"])
     rows = json.loads((tmp_path / "bench_results" / "data_tiny_cpu.json").read_text())["real_rows"]
     assert [r["source"] for r in rows] == ["2544x3056 JPEG q95 -> 288 px", "2544x3056 DICOM 12-bit -> 288 px",
-                                           "prepared 256-px PNG copy -> 288 px"]
+                                           "prepared 256-px copy (TIFF) -> 288 px"]
     assert rows[0]["vs_jpeg"] == 1.0 and all(r["cores_h100"] > r["cores_a100"] > 0 for r in rows)
-    assert "cores/H100" in capsys.readouterr().out
+    out = json.loads((tmp_path / "bench_results" / "data_tiny_cpu.json").read_text())["copy_vs_full_decode"]
+    assert out["max_abs"] <= 2 and "cores/H100" in capsys.readouterr().out

@@ -63,7 +63,7 @@ def assert_images_exist(records, meta):
     for r in records:
         assert os.path.isfile(os.path.join(meta["image_root"], r["image"])), r["image"]
         if "originals" in meta:
-            assert r["image"].endswith(".png") and os.path.isfile(os.path.join(meta["originals"], r["image"][:-4]))
+            assert r["image"].endswith(".tif") and os.path.isfile(os.path.join(meta["originals"], r["image"][:-4]))
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -355,11 +355,11 @@ def test_rsna(tmp_path, write_dicom):
     assert meta["dropped"] == {"missing_image": 1} and meta["classes"] == ["Pneumonia"]
     assert [recs[f"pat{i:02d}"]["labels"] for i in range(5)] == [[1], [0], [0], [0], [1]]
     assert meta["image_root"] == str((out / "images_512px").resolve())
-    assert recs["pat00"]["image"] == "stage_2_train_images/pat00.dcm.png"
+    assert recs["pat00"]["image"] == "stage_2_train_images/pat00.dcm.tif"
     # hand computation, no window in the file: round((p - min) / (max - min) * 255), inverted for MONOCHROME1
     copies = out / "images_512px" / "stage_2_train_images"
-    assert np.array(Image.open(copies / "pat00.dcm.png")).tolist() == [[0, 64], [128, 255]]
-    assert np.array(Image.open(copies / "pat01.dcm.png")).tolist() == [[255, 191], [128, 0]]
+    assert np.array(Image.open(copies / "pat00.dcm.tif")).tolist() == [[0, 64], [128, 255]]
+    assert np.array(Image.open(copies / "pat01.dcm.tif")).tolist() == [[255, 191], [128, 0]]
     assert_disjoint(records, "image")
 
     with open(src / prepare.RSNA_CSV, "a") as f:

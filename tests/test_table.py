@@ -129,8 +129,8 @@ def test_dicom_rows_follow_their_window_in_the_copy(tmp_path, write_dicom):
                 WindowCenter=40, WindowWidth=400)  # tests/test_dicom.py computes these by hand
     src = table(tmp_path / "t.csv", ["image", "text", "split"], [["scans/a.dcm", "a chest film here", "train"]])
     records, meta = convert(src, tmp_path / "out", "--task", "retrieval")
-    assert records[0]["image"] == "scans/a.dcm.png"
-    copy = np.asarray(Image.open(tmp_path / "out" / "images_32px" / "scans" / "a.dcm.png"))
+    assert records[0]["image"] == "scans/a.dcm.tif"
+    copy = np.asarray(Image.open(tmp_path / "out" / "images_32px" / "scans" / "a.dcm.tif"))
     assert copy.tolist() == [[0, 102], [128, 255]]
 
 
