@@ -577,7 +577,8 @@ def real_source_rows(args) -> dict:
         kinds = list(sources.values())  # [JPEGs, DICOMs, copies of the JPEGs]
         full = np.asarray(copies.shrink(load_image(kinds[0][0], keep_grey=True), args.prepared_size), np.float64)
         diff = np.abs(np.asarray(load_image(kinds[-1][0], keep_grey=True), np.float64) - full)
-        quality = {"max_abs": diff.max(), "mean_abs": diff.mean(), "psnr_db": 10 * np.log10(255 ** 2 / (diff ** 2).mean())}
+        quality = {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()),
+                   "psnr_db": float(10 * np.log10(255 ** 2 / (diff ** 2).mean()))}
     rows, original = [], next(iter(times.values()))
     for name, seconds_ in times.items():
         rate = len(sources[name]) / seconds_
@@ -849,7 +850,7 @@ def main(argv=None) -> None:
         print_rows(result["data_rows"], COLUMNS["data"])
     if result.get("real_rows"):  # cores per GPU: the base step at 288 px, 40% MFU of bf16 peak
         print_rows(result["real_rows"], COLUMNS["real"])
-        print(f"prepared copy vs full decode + resize: {result['copy_vs_full_decode']}")
+        print("prepared copy vs full decode + resize: " + ", ".join(f"{k} {v:.2f}" for k, v in result["copy_vs_full_decode"].items()))
     for key in ("max_loss_diff", "speed_ratio_plain_over_fast", "flop_ratio_plain_over_fast",
                 "peak_source", "error"):
         if result.get(key):
