@@ -1,4 +1,5 @@
-"""Convert a local copy of each official dataset release into task manifests (data.py format).
+"""Convert a local copy of each official dataset release, or one's own table, into task manifests
+(data.py format), with the images prepared once at training size (copies.py).
 
 Implements the data preparation behind PTUnifier (ICCV 2023) section 5.1 (pre-training corpora:
 ROCO, MedICaT, MIMIC-CXR) and section 5.2 (downstream: CheXpert, RSNA Pneumonia, RadNLI,
@@ -29,6 +30,8 @@ Datasets (DATASET: --src folder -> task; splits):
   vqa-med-2019    folder holding the three unzipped releases (searched recursively) -> vqa;
                   C4 abnormality dropped (via QAPairsByCategory/C4_Abnormality_*.txt and the
                   test category column) unless --keep-abnormality
+  table           your own CSV / JSONL (--task, --columns FIELD=NAME) or folder-per-class tree
+                  -> any task; its split column, else seeded --holdout; bad rows listed by line
 
 Conventions (docs/DATASETS.md, the PTUnifier/M3AE preprocessing):
 - texts: runs of whitespace collapsed, trimmed; pre-training, retrieval, report and
@@ -43,8 +46,11 @@ Conventions (docs/DATASETS.md, the PTUnifier/M3AE preprocessing):
   ("test_answers_outside_vocab"); they can only be scored as wrong.
 - meta.json holds "counts" (per split), "dropped" ({reason: n}; "short_text" counts texts,
   "no_text" the records left without any text, other reasons count records), "seed", "source",
-  "image_root" (absolute path of the release folder, or of --out for converted images);
-  image paths in records are relative to image_root.
+  "image_root" (absolute); image paths in records are relative to image_root.
+- images: copies at a shorter side of --image-size px (default 512) in OUT/images_<size>px, made
+  by --workers processes, resumable; image_root is that folder, "image_size" the size,
+  "originals" the release folder; unreadable sources are dropped ("unreadable_image") and listed
+  in OUT/unreadable_images.txt. --image-size 0: image_root is the release folder (no copies).
 Malformed input (bad CSV row, bad JSON line, unknown label value) raises PrepareError naming the
 file and the line (or, inside a JSON array, the entry index).
 """
