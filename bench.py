@@ -570,8 +570,9 @@ def real_source_rows(args) -> dict:
         sources = big_sources(Path(tmp), args.real_size, args.prepared_size)
         gen = torch.Generator().manual_seed(0)
 
-        def read(paths):
-            return lambda: [image_to_tensor(load_image(p, keep_grey=True), base.image_size, True, gen) for p in paths]
+        def read(paths):  # one worker's work per sample: decode, random-resized crop, normalise
+            return lambda: [image_to_tensor(load_image(p, keep_grey=True), base.image_size, True, gen)
+                            for p in paths]
         times = {k: statistics.median(t) for k, t in interleaved(
             {k: read(v) for k, v in sources.items()}, args.repeats, args.warmup, torch.device("cpu")).items()}
         kinds = list(sources.values())  # [JPEGs, DICOMs, copies of the JPEGs]
@@ -582,8 +583,9 @@ def real_source_rows(args) -> dict:
     rows, original = [], next(iter(times.values()))
     for name, seconds_ in times.items():
         rate = len(sources[name]) / seconds_
-        rows.append({"source": f"{name} -> {base.image_size} px", "per_core": rate, "vs_jpeg": original / seconds_,
-                     **{f"cores_{gpu}": GPU_TARGET["mfu"] * PEAK_FLOPS[gpu] / per_sample / rate for gpu in ("a100", "h100")}})
+        cores = {f"cores_{gpu}": GPU_TARGET["mfu"] * PEAK_FLOPS[gpu] / per_sample / rate for gpu in ("a100", "h100")}
+        rows.append({"source": f"{name} -> {base.image_size} px", "per_core": rate,
+                     "vs_jpeg": original / seconds_, **cores})
     return {"real_rows": rows, "copy_vs_full_decode": quality}
 
 
@@ -850,7 +852,8 @@ def main(argv=None) -> None:
         print_rows(result["data_rows"], COLUMNS["data"])
     if result.get("real_rows"):  # cores per GPU: the base step at 288 px, 40% MFU of bf16 peak
         print_rows(result["real_rows"], COLUMNS["real"])
-        print("prepared copy vs full decode + resize: " + ", ".join(f"{k} {v:.2f}" for k, v in result["copy_vs_full_decode"].items()))
+        quality = result["copy_vs_full_decode"].items()
+        print("prepared copy vs full decode + resize: " + ", ".join(f"{k} {v:.2f}" for k, v in quality))
     for key in ("max_loss_diff", "speed_ratio_plain_over_fast", "flop_ratio_plain_over_fast",
                 "peak_source", "error"):
         if result.get(key):

@@ -33,13 +33,14 @@ def is_dicom(path) -> bool:
 
 
 def window(x: np.ndarray, centre: float, width: float, function: str = "LINEAR") -> np.ndarray:
-    """Modality values -> [0, 1] through a window (PS3.3 C.11.2.1.2-3)."""
+    """Modality values -> [0, 1] through a window (PS3.3 C.11.2.1.2-3); another function name is
+    taken as LINEAR, the default."""
+    if width <= 0 or (width < 1 and function not in ("LINEAR_EXACT", "SIGMOID")):
+        raise DicomError(f"window width {width}: expected > 0 (>= 1 for a LINEAR window)")
     if function == "LINEAR_EXACT":
         return np.clip((x - centre) / width + 0.5, 0.0, 1.0)
     if function == "SIGMOID":
         return 1.0 / (1.0 + np.exp(-4.0 * (x - centre) / width))
-    if width < 1:
-        raise DicomError(f"window width {width}: expected >= 1 for a LINEAR window")
     if width == 1:
         return (x > centre - 0.5).astype(np.float64)
     return np.clip((x - (centre - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
@@ -50,7 +51,8 @@ def voi_lut(x: np.ndarray, item) -> np.ndarray:
     bits); values below / above the table take its first / last entry (PS3.3 C.11.2.1.1)."""
     entries, first, bits = (int(v) for v in item.LUTDescriptor)
     data = item.LUTData
-    table = (np.frombuffer(data, "<u2") if isinstance(data, bytes) else np.asarray(data)).astype(np.float64).ravel()
+    table = np.frombuffer(data, "<u2") if isinstance(data, bytes) else np.asarray(data)  # OW or US
+    table = table.astype(np.float64).ravel()
     entries = entries or 65536
     index = np.clip(np.round(x).astype(np.int64) - first, 0, min(entries, len(table)) - 1)
     return table[index] / (2 ** bits - 1)
@@ -64,14 +66,15 @@ def first(value) -> float:
 def display_pixels(ds) -> np.ndarray:
     """A read pydicom dataset -> float32 [H, W] (or [H, W, 3] RGB) display values in [0, 255]."""
     kind = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
-    pixels = ds.pixel_array
+    if kind not in ("MONOCHROME1", "MONOCHROME2", "RGB"):
+        raise DicomError(f"PhotometricInterpretation {kind!r}: expected MONOCHROME1, MONOCHROME2 or RGB")
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         raise DicomError(f"{int(ds.NumberOfFrames)} frames: expected a single image")
+    pixels = ds.pixel_array  # [H, W], or [H, W, 3] for RGB
     if kind == "RGB":
         return pixels.astype(np.float32)
-    if kind not in ("MONOCHROME1", "MONOCHROME2"):
-        raise DicomError(f"PhotometricInterpretation {kind!r}: expected MONOCHROME1, MONOCHROME2 or RGB")
-    x = pixels.astype(np.float64) * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
+    slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+    x = pixels.astype(np.float64) * slope + intercept  # modality values (C.11.1)
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
         y = voi_lut(x, ds.VOILUTSequence[0])
     elif ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:

@@ -55,7 +55,6 @@ Malformed input (bad CSV row, bad JSON line, unknown label value) raises Prepare
 file and the line (or, inside a JSON array, the entry index).
 """
 import argparse
-import csv
 import json
 import os
 import random
@@ -65,9 +64,9 @@ from pathlib import Path
 from copies import copy_name, make_copies
 from data import IMAGE_SUFFIXES, MIN_WORDS, atomic_write, normalize_answer, write_manifest
 from dicom import import_pydicom, is_dicom
-from tables import (Output, PrepareError, check_disjoint, find_file, image_exists, json_entries, keep_texts,
+from tables import (Output, PrepareError, check_disjoint, csv_rows, find_file, image_exists, json_entries, keep_texts,
                     long_enough, open_text, read_csv, read_json, read_jsonl, require_keys, seeded_holdout,
-                    vqa_output)
+                    vqa_output, wrong_length)
 from tokenizer import clean_text
 
 
@@ -547,14 +546,9 @@ def table_rows(path: str, names: list[str]):
                         yield line, BadRow("malformed_row")
         return
     with open_text(path) as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in names if c not in (reader.fieldnames or [])]
-        if missing:
-            raise PrepareError(f"{path}:1: header lacks columns {missing} (name them with --columns FIELD=NAME): "
-                               f"found {reader.fieldnames}")
+        reader = csv_rows(f, path, names, " (name them with --columns FIELD=NAME)")
         for row in reader:
-            bad = None in row or None in row.values()
-            yield reader.line_num, BadRow("malformed_row") if bad else row
+            yield reader.line_num, BadRow("malformed_row") if wrong_length(row) else row
 
 
 def folder_rows(root: str):

@@ -76,17 +76,27 @@ def open_text(path: str):
     return open(path, encoding="utf-8", newline="")
 
 
+def csv_rows(f, path: str, columns: list[str], hint: str = "") -> csv.DictReader:
+    """A csv.DictReader of `f` whose header has `columns`; else PrepareError naming the file."""
+    reader = csv.DictReader(f)
+    missing = [c for c in columns if c not in (reader.fieldnames or [])]
+    if missing:
+        raise PrepareError(f"{path}:1: header lacks columns {missing}{hint}: found {reader.fieldnames}")
+    return reader
+
+
+def wrong_length(row: dict) -> bool:
+    """True for a csv.DictReader row with more or fewer fields than its header."""
+    return None in row or None in row.values()
+
+
 def read_csv(path: str, columns: list[str]):
     """Yield (line, row dict) from a CSV with a header; bad rows raise PrepareError(file:line)."""
     with open_text(path) as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in columns if c not in (reader.fieldnames or [])]
-        if missing:
-            raise PrepareError(f"{path}:1: header lacks columns {missing}: "
-                               f"found {reader.fieldnames}")
+        reader = csv_rows(f, path, columns)
         try:
             for row in reader:
-                if None in row or None in row.values():
+                if wrong_length(row):
                     raise PrepareError(f"{path}:{reader.line_num}: expected "
                                        f"{len(reader.fieldnames)} fields, got a different count")
                 yield reader.line_num, row

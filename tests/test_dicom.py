@@ -6,7 +6,7 @@ import pytest
 
 import copies
 from data import UnreadableImage, load_image
-from dicom import read_dicom, write_dicom
+from dicom import DicomError, read_dicom, write_dicom
 
 U16, I16 = np.uint16, np.int16
 
@@ -74,3 +74,10 @@ def test_a_corrupt_dicom_is_unreadable_and_named(tmp_path):
         load_image(bad)
     with pytest.raises(UnreadableImage, match="bad.dcm"):
         copies.training_copy(str(bad), 64)
+
+
+def test_files_that_are_not_one_grey_or_rgb_image_are_refused_by_name(tmp_path):
+    with pytest.raises(DicomError, match=r"x.dcm: window width 0.0: expected > 0"):
+        pixels(tmp_path, np.array([[1, 2]], U16), WindowCenter=1, WindowWidth=0)
+    with pytest.raises(DicomError, match=r"x.dcm: PhotometricInterpretation 'PALETTE COLOR'"):
+        pixels(tmp_path, np.array([[1, 2]], U16), "PALETTE COLOR")
