@@ -766,6 +766,10 @@ def use_copies(outputs: list[Output], args) -> list[Output]:
             kept = [{**r, "image": copy_name(r["image"])} for r in o.records if r["image"] not in failed]
             if len(kept) < len(o.records):
                 o.dropped["unreadable_image"] += len(o.records) - len(kept)
+            if "rows" in o.extra:  # `table`: its rows of unreadable images leave "kept" too
+                lost = sum(len(r.get("texts", [r])) for r in o.records if r["image"] in failed)
+                o.extra["rows"] = {**o.extra["rows"], "kept": o.extra["rows"]["kept"] - lost,
+                                   **({"unreadable_image": lost} if lost else {})}
             o.records, o.image_root = kept, folder
             o.extra = {**o.extra, "image_size": args.image_size, "originals": root}
     return outputs

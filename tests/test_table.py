@@ -65,6 +65,17 @@ def test_a_pretraining_csv_with_bad_rows_and_seeded_splits(tmp_path, tok, capsys
     assert ds[0].image.shape == (3, 32, 32) and ds[0].skipped is None
 
 
+def test_rows_of_an_unreadable_image_are_counted_too(tmp_path):
+    image(tmp_path / "good.png")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG not really")
+    src = table(tmp_path / "t.csv", ["image", "text", "split"],
+                [["bad.png", "first text of bad", "train"], ["bad.png", "second text of bad", "train"],
+                 ["good.png", "the only good one", "train"]])
+    records, meta = convert(src, tmp_path / "out", "--task", "pretrain")
+    assert meta["rows"] == {"read": 3, "kept": 1, "unreadable_image": 2} and len(records) == 1
+    assert (tmp_path / "out" / "unreadable_images.txt").read_text().startswith("bad.png\t")
+
+
 def test_a_vqa_jsonl_with_splits_answer_types_and_malformed_lines(tmp_path, tok):
     image(tmp_path / "a.png")
     lines = [{"image": "a.png", "question": "Is there a nodule?", "answer": "Yes", "split": "train"},
