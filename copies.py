@@ -44,7 +44,7 @@ def training_copy(src: str, size: int) -> Image.Image:
             raise UnreadableImage(str(e)) from None
         if pixels.ndim == 3:
             return shrink(Image.fromarray(np.round(pixels).astype(np.uint8)), size)
-        small = np.asarray(shrink(Image.fromarray(pixels, "F"), size))
+        small = np.asarray(shrink(Image.fromarray(pixels), size))  # float32 -> mode "F"
         return Image.fromarray(np.round(np.clip(small, 0, 255)).astype(np.uint8))
     return shrink(load_image(src, keep_grey=True, draft_side=2 * size), size)
 
