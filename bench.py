@@ -56,11 +56,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
+import copies
+import dicom
 import synth
 import train
-from data import MLM_BUCKET, Batch, PretrainDataset, itm_pairs, make_train_stream, mlm_positions
+from data import (MLM_BUCKET, Batch, PretrainDataset, image_to_tensor, itm_pairs, load_image, make_train_stream,
+                  mlm_positions)
 from losses import LossWeights
 from hf import config_from_hf, load_hf_encoders
 from model import Config, PTUnifier
@@ -533,7 +538,54 @@ def bench_data(args) -> dict:
             r = loader_samples_per_s(dataset, args.batch, w, args.data_batches)
             rows.append({"source": f"loader, {w} workers, {cfg.image_size} px files", **r,
                          "vs_step": r["samples_per_s"] / consumed})
-    return {"rows": rows, "step_times_s": times, "process_peak_rss_gb": rss_gb()}
+    real = real_source_rows(args) if getattr(args, "real_size", 0) else {}
+    return {"rows": rows, **real, "step_times_s": times, "process_peak_rss_gb": rss_gb()}
+
+
+def big_sources(folder: Path, n: int, size: int) -> dict[str, list[Path]]:
+    """n full-size films (a synthetic radiograph upscaled to 2,544 x 3,056, film-like noise) as JPEG
+    (quality 95) and as 12-bit DICOM (with a window), and their prepared copies (copies.py, `size` px)."""
+    rng, paths = np.random.default_rng(0), {"jpeg": [], "dicom": []}
+    for i in range(n):
+        film = Image.fromarray(synth.render(synth.sample_case(rng), 640, rng)).resize((2544, 3056), Image.BICUBIC)
+        film = np.clip(np.asarray(film, np.float32) + rng.normal(0, 6, (3056, 2544)), 0, 255)
+        paths["jpeg"].append(folder / f"film{i}.jpg")
+        Image.fromarray(film.astype(np.uint8)).save(paths["jpeg"][-1], quality=95)
+        paths["dicom"].append(folder / f"film{i}.dcm")
+        dicom.write_dicom(paths["dicom"][-1], (film * 16).astype(np.uint16), WindowCenter=2048, WindowWidth=4096)
+    rels = [p.name for p in paths["jpeg"]]
+    copies.make_copies(str(folder), rels, str(folder / "copies"), size, workers=1)
+    return {"2544x3056 JPEG q95": paths["jpeg"], "2544x3056 DICOM 12-bit": paths["dicom"],
+            f"prepared {size}-px copy (TIFF)": [folder / "copies" / copies.copy_name(r) for r in rels]}
+
+
+def real_source_rows(args) -> dict:
+    """Samples/s per worker core (load_image + the train transform at the `base` step's 288 px) from
+    each big_sources kind, rounds interleaved, and the cores per GPU that step needs at 40% MFU; and
+    the first copy against a full decode + the same resize (the cost of draft mode)."""
+    base = dataclasses.replace(RECIPES[GPU_TARGET["preset"]].model, image_size=GPU_TARGET["image_size"])
+    per_sample = step_flops(base, GPU_TARGET["batch"], base.max_text_len)["total"] / GPU_TARGET["batch"]
+    with tempfile.TemporaryDirectory() as tmp:
+        sources = big_sources(Path(tmp), args.real_size, args.prepared_size)
+        gen = torch.Generator().manual_seed(0)
+
+        def read(paths):  # one worker's work per sample: decode, random-resized crop, normalise
+            return lambda: [image_to_tensor(load_image(p, keep_grey=True), base.image_size, True, gen)
+                            for p in paths]
+        times = {k: statistics.median(t) for k, t in interleaved(
+            {k: read(v) for k, v in sources.items()}, args.repeats, args.warmup, torch.device("cpu")).items()}
+        kinds = list(sources.values())  # [JPEGs, DICOMs, copies of the JPEGs]
+        full = np.asarray(copies.shrink(load_image(kinds[0][0], keep_grey=True), args.prepared_size), np.float64)
+        diff = np.abs(np.asarray(load_image(kinds[-1][0], keep_grey=True), np.float64) - full)
+        quality = {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()),
+                   "psnr_db": float(10 * np.log10(255 ** 2 / (diff ** 2).mean()))}
+    rows, original = [], next(iter(times.values()))
+    for name, seconds_ in times.items():
+        rate = len(sources[name]) / seconds_
+        cores = {f"cores_{gpu}": GPU_TARGET["mfu"] * PEAK_FLOPS[gpu] / per_sample / rate for gpu in ("a100", "h100")}
+        rows.append({"source": f"{name} -> {base.image_size} px", "per_core": rate,
+                     "vs_jpeg": original / seconds_, **cores})
+    return {"real_rows": rows, "copy_vs_full_decode": quality}
 
 
 def bench_gpu(args) -> dict:
@@ -664,6 +716,9 @@ COLUMNS = {  # command -> (key, header, format) of its table
     "data": [("source", "source", "<44"), ("samples_per_s", "samples/s", ">9.1f"),
              ("per_worker", "per worker", ">10.1f"), ("vs_step", "vs step", ">8.2f"),
              ("startup_s", "startup s", ">9.2f")],
+    "real": [("source", "full-size source -> train crop", "<44"), ("per_core", "samples/s/core", ">14.1f"),
+             ("vs_jpeg", "vs JPEG", ">8.1f"), ("cores_a100", "cores/A100", ">10.1f"),
+             ("cores_h100", "cores/H100", ">10.1f")],
     "flops": [("component", "component", "<16"), ("reuse_tflop", "reuse TFLOP", ">12.4f"),
               ("naive_tflop", "naive TFLOP", ">12.4f"), ("reuse_share", "share", ">7.1%")],
 }
@@ -757,6 +812,10 @@ def main(argv=None) -> None:
         p.add_argument("--data-batches", type=int, default=20, help="timed batches per worker count")
         p.add_argument("--step-samples-per-s", type=float, default=0.0,
                        help="what the step consumes, if measured elsewhere (0: time the eager step)")
+    sub.choices["data"].add_argument("--real-size", type=int, default=0,
+                                     help="also time this many full-size (2,544 x 3,056) JPEGs, DICOMs and their "
+                                          "prepared copies per core, and the cores per GPU each needs (0: skip)")
+    sub.choices["data"].add_argument("--prepared-size", type=int, default=512, help="shorter side of those copies")
     enc = sub.add_parser("encoders", help="our ViT/text encoders vs transformers, fwd+bwd time")
     enc.add_argument("--layers", type=int, default=2,
                      help="encoder depth at base widths (the paper uses 12; 2 keeps CPU runs short)")
@@ -790,6 +849,10 @@ def main(argv=None) -> None:
     print_rows(result["rows"], COLUMNS[args.command])
     if "data_rows" in result:
         print_rows(result["data_rows"], COLUMNS["data"])
+    if result.get("real_rows"):  # cores per GPU: the base step at 288 px, 40% MFU of bf16 peak
+        print_rows(result["real_rows"], COLUMNS["real"])
+        quality = result["copy_vs_full_decode"].items()
+        print("prepared copy vs full decode + resize: " + ", ".join(f"{k} {v:.2f}" for k, v in quality))
     for key in ("max_loss_diff", "speed_ratio_plain_over_fast", "flop_ratio_plain_over_fast",
                 "peak_source", "error"):
         if result.get(key):

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dicom import SUFFIXES as DICOM_SUFFIXES, DicomError, is_dicom, read_dicom
 from tokenizer import Tokenizer, clean_text, round_up
 
 SPLITS = ("train", "val", "test")
@@ -135,7 +136,7 @@ def _short(value) -> str:
 
 # ----------------------------------------------------------------------------- read / write
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     """Write `text` to `path` through a temp file in the same folder and os.replace."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
@@ -163,8 +164,8 @@ def write_manifest(folder, records: list[dict], meta: dict) -> None:
     for i, record in enumerate(records):
         validate_record(record, meta, f"{folder / 'manifest.jsonl'}:record {i + 1}", seen)
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    _atomic_write(folder / "manifest.jsonl", lines)
-    _atomic_write(folder / "meta.json", json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+    atomic_write(folder / "manifest.jsonl", lines)
+    atomic_write(folder / "meta.json", json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
 
 
 def read_meta(folder) -> dict:
@@ -207,6 +208,18 @@ def read_manifest(folder, split: str | None = None) -> tuple[list[dict], dict]:
     return records, meta
 
 
+def check_image_size(folder, size: int) -> None:
+    """Refuse to train at `size` px from copies prepared smaller (meta["image_size"], prepare.py):
+    the crops would be upscaled. Absent or 0: the manifest points at the originals."""
+    meta = read_meta(folder)
+    prepared = meta.get("image_size") or 0
+    if prepared and size > prepared:
+        raise SystemExit(f"{Path(folder) / 'meta.json'}: images prepared at a shorter side of {prepared} px, "
+                         f"smaller than the {size} px the model reads; prepare them again: python prepare.py "
+                         f"{meta.get('name', 'DATASET')} --src {meta.get('source', 'SRC')} --out {folder} "
+                         f"--image-size {size} (and the other flags of the first run)")
+
+
 def resolve_image(meta_folder, meta: dict, rel_path: str) -> Path:
     """Absolute-or-relative path of image `rel_path` under meta["image_root"] of a task folder."""
     if not _is_safe_relpath(rel_path):
@@ -228,6 +241,10 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+# The file extensions load_image reads: the image formats PIL opens, and DICOM's.
+IMAGE_SUFFIXES = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN} | set(DICOM_SUFFIXES)
+
+
 class UnreadableImage(OSError):
     """An image file is missing, empty, corrupt, truncated or too large; message names it."""
 
@@ -243,23 +260,33 @@ def _to_rgb(im: Image.Image, keep_grey: bool = False) -> Image.Image:
     return im if keep_grey and im.mode == "L" else im.convert("RGB")
 
 
-def load_image(path, keep_grey: bool = False) -> Image.Image:
-    """Decode `path` fully into an RGB PIL image; raise UnreadableImage naming the path.
+def load_image(path, keep_grey: bool = False, draft_side: int = 0) -> Image.Image:
+    """Decode `path` into an RGB PIL image; raise UnreadableImage naming the path.
     keep_grey: a grey image stays one channel ("L"), which image_to_tensor turns into the same
-    tensor as its RGB copy for a third of the resizing work (radiographs are grey)."""
+    tensor as its RGB copy for a third of the resizing work (radiographs are grey).
+    draft_side: a JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale whose shorter side is still
+    >= draft_side (PIL's draft mode: the DCT does that reduction, at a fraction of the cost); 0: full
+    size. A DICOM (dicom.SUFFIXES) is read by dicom.read_dicom and rounded to 8 bits."""
     path = Path(path)
     if not path.is_file():
         raise UnreadableImage(f"{path}: image file is missing")
     if path.stat().st_size == 0:
         raise UnreadableImage(f"{path}: image file is empty")
     try:
+        if is_dicom(path):
+            return _to_rgb(Image.fromarray(np.round(read_dicom(path)).astype(np.uint8)), keep_grey)
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
+                if draft_side and im.format == "JPEG":
+                    scale = draft_side / min(im.size)
+                    im.draft(None, (math.ceil(im.width * scale), math.ceil(im.height * scale)))
                 im.load()
                 return _to_rgb(im, keep_grey)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
         raise UnreadableImage(f"{path}: refused, more than {MAX_IMAGE_PIXELS} pixels ({e})") from None
+    except DicomError as e:
+        raise UnreadableImage(str(e)) from None
     except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for corrupt/truncated files
         raise UnreadableImage(f"{path}: cannot decode image ({e})") from None
 

@@ -45,7 +45,8 @@ from tqdm import tqdm
 
 from checkpoint import (CheckpointError, check_resume, load_model_state, load_optimizer_state,
                         load_pretrained, read_checkpoint, read_metadata, save_checkpoint)
-from data import SkipTracker, TaskDataset, make_loader, make_train_stream, read_meta, stratified_subset
+from data import (SkipTracker, TaskDataset, check_image_size, make_loader, make_train_stream, read_meta,
+                  stratified_subset)
 from metrics import accuracy, class_aurocs, nlg_metrics, recall_at_k, vqa_accuracy
 from model import Encoded, PTUnifier, param_groups
 from recipes import build_model, recipe, with_defaults
@@ -372,6 +373,7 @@ def start_finetune(cfg: FinetuneConfig, rt: Runtime) -> FinetuneRun:
         print0(rt, f"task modules loaded from {cfg.init}")
     del init_tensors
     mcfg = backbone.config
+    check_image_size(cfg.data, mcfg.image_size)
     train_set = TaskDataset(cfg.data, "train", tokenizer, mcfg.image_size, mcfg.max_text_len, train=True)
     if cfg.train_fraction < 1:
         strata = [repr(r[task.stratum]) if task.stratum else "" for r in train_set.records]

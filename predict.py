@@ -28,8 +28,9 @@ computes for the same inputs (tests/test_predict.py checks it):
 | nli         | tc                     | the head's softmax over the classes (as finetune.score_tc)    |
 
 Images: files, or folders searched recursively for the formats PIL opens (PNG, JPEG, TIFF, ...;
-`data.load_image`); DICOM is not among them (`prepare.py` converts it to PNG). Each is read as the
-evaluation reads it: the shorter side resized to the model's size, the centre crop, CLIP colours.
+`data.load_image`) and DICOM (.dcm, read by `dicom.read_dicom`: its window, MONOCHROME1 inverted;
+needs pydicom). Each is read as the evaluation reads it: the shorter side resized to the model's
+size, the centre crop, CLIP colours.
 Bad input: an unreadable image raises `data.UnreadableImage` naming it (or, with skip_bad, is
 listed in `Predictor.skipped` and left out); an empty text raises `PredictError` naming it; a text
 longer than the model reads is truncated with a warning that says by how many tokens; a checkpoint
@@ -53,14 +54,12 @@ from tqdm import tqdm
 
 import synth
 from checkpoint import CheckpointError, atomic_save, load_pretrained
-from data import Batch, UnreadableImage, image_to_tensor, load_image
+from data import IMAGE_SUFFIXES, Batch, UnreadableImage, image_to_tensor, load_image
 from runtime import Runtime, setup_runtime
 from tasks import Decoding, generate_texts, load_finetuned, vocabulary_mismatch
 from tokenizer import Tokenizer, clean_text, locate_tokenizer
 from zeroshot import default_label_sentences, image_embeddings, present_probabilities, text_embeddings
 
-# The file extensions of the image formats PIL can open (load_image reads any of them).
-IMAGE_SUFFIXES = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
 TASK_NAMES = {"ic": "image classification", "tc": "natural-language inference", "ts": "summarization",
               "itg": "report generation", "vqa": "visual question answering", "retrieval": "retrieval"}
 

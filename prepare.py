@@ -1,4 +1,5 @@
-"""Convert a local copy of each official dataset release into task manifests (data.py format).
+"""Convert a local copy of each official dataset release, or one's own table, into task manifests
+(data.py format), with the images prepared once at training size (copies.py).
 
 Implements the data preparation behind PTUnifier (ICCV 2023) section 5.1 (pre-training corpora:
 ROCO, MedICaT, MIMIC-CXR) and section 5.2 (downstream: CheXpert, RSNA Pneumonia, RadNLI,
@@ -29,6 +30,8 @@ Datasets (DATASET: --src folder -> task; splits):
   vqa-med-2019    folder holding the three unzipped releases (searched recursively) -> vqa;
                   C4 abnormality dropped (via QAPairsByCategory/C4_Abnormality_*.txt and the
                   test category column) unless --keep-abnormality
+  table           your own CSV / JSONL (--task, --columns FIELD=NAME) or folder-per-class tree
+                  -> any task; its split column, else seeded --holdout; bad rows listed by line
 
 Conventions (docs/DATASETS.md, the PTUnifier/M3AE preprocessing):
 - texts: runs of whitespace collapsed, trimmed; pre-training, retrieval, report and
@@ -43,162 +46,28 @@ Conventions (docs/DATASETS.md, the PTUnifier/M3AE preprocessing):
   ("test_answers_outside_vocab"); they can only be scored as wrong.
 - meta.json holds "counts" (per split), "dropped" ({reason: n}; "short_text" counts texts,
   "no_text" the records left without any text, other reasons count records), "seed", "source",
-  "image_root" (absolute path of the release folder, or of --out for converted images);
-  image paths in records are relative to image_root.
+  "image_root" (absolute); image paths in records are relative to image_root.
+- images: copies at a shorter side of --image-size px (default 512) in OUT/images_<size>px, made
+  by --workers processes, resumable; image_root is that folder, "image_size" the size,
+  "originals" the release folder; unreadable sources are dropped ("unreadable_image") and listed
+  in OUT/unreadable_images.txt. --image-size 0: image_root is the release folder (no copies).
 Malformed input (bad CSV row, bad JSON line, unknown label value) raises PrepareError naming the
 file and the line (or, inside a JSON array, the entry index).
 """
 import argparse
-import csv
-import gzip
 import json
 import os
 import random
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from pathlib import Path
 
-from data import MIN_WORDS, normalize_answer, write_manifest
+from copies import copy_name, make_copies
+from data import IMAGE_SUFFIXES, MIN_WORDS, atomic_write, normalize_answer, write_manifest
+from dicom import import_pydicom, is_dicom
+from tables import (Output, PrepareError, check_disjoint, csv_rows, find_file, image_exists, json_entries, keep_texts,
+                    long_enough, open_text, read_csv, read_json, read_jsonl, require_keys, seeded_holdout,
+                    vqa_output, wrong_length)
 from tokenizer import clean_text
-
-
-class PrepareError(ValueError):
-    """The raw release does not look as expected; the message names the file and line."""
-
-
-@dataclass
-class Output:
-    """One task folder to write: its records plus the dataset-specific meta entries."""
-    folder: str                  # task folder (created)
-    task: str                    # data.TASK_FIELDS key
-    records: list                # manifest records (dicts with id, split and task fields)
-    dropped: Counter             # reason -> number of dropped records / texts
-    image_root: str | None       # absolute image root, None for text-only tasks
-    extra: dict = field(default_factory=dict)  # classes / answers / notes for meta.json
-
-
-# ----------------------------------------------------------------------------- shared helpers
-
-def long_enough(text: str) -> bool:
-    return len(text.split()) >= MIN_WORDS
-
-
-def keep_texts(texts, dropped: Counter) -> list[str]:
-    """Clean `texts`, drop empty ones silently (absent section) and count short ones."""
-    kept = []
-    for text in map(clean_text, texts):
-        if text and not long_enough(text):
-            dropped["short_text"] += 1
-        elif text:
-            kept.append(text)
-    return kept
-
-
-def seeded_holdout(keys, sizes: dict, seed: int) -> dict:
-    """Assign sizes[split] keys (chosen with `seed`) to each split; the rest to 'train'."""
-    order = sorted(set(keys))
-    if sum(sizes.values()) > len(order):
-        raise PrepareError(f"cannot hold out {sizes} from {len(order)} items; lower the sizes")
-    random.Random(seed).shuffle(order)
-    split_of, start = {}, 0
-    for split, n in sizes.items():
-        split_of.update((k, split) for k in order[start:start + n])
-        start += n
-    split_of.update((k, "train") for k in order[start:])
-    return split_of
-
-
-def image_exists(root: str, rel: str, dropped: Counter) -> bool:
-    """True when root/rel is a file; otherwise count it as dropped ('missing_image')."""
-    if os.path.isfile(os.path.join(root, rel)):
-        return True
-    dropped["missing_image"] += 1
-    return False
-
-
-def open_text(path: str):
-    """Open a text file, falling back to path + '.gz' (MIMIC-CXR ships its CSVs gzipped)."""
-    if not os.path.exists(path) and os.path.exists(path + ".gz"):
-        return gzip.open(path + ".gz", "rt", encoding="utf-8", newline="")
-    if not os.path.exists(path):
-        raise PrepareError(f"{path}: file not found (check --src and docs/DATASETS.md for the layout)")
-    return open(path, encoding="utf-8", newline="")
-
-
-def read_csv(path: str, columns: list[str]):
-    """Yield (line, row dict) from a CSV with a header; bad rows raise PrepareError(file:line)."""
-    with open_text(path) as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in columns if c not in (reader.fieldnames or [])]
-        if missing:
-            raise PrepareError(f"{path}:1: header lacks columns {missing}: "
-                               f"found {reader.fieldnames}")
-        try:
-            for row in reader:
-                if None in row or None in row.values():
-                    raise PrepareError(f"{path}:{reader.line_num}: expected "
-                                       f"{len(reader.fieldnames)} fields, got a different count")
-                yield reader.line_num, row
-        except csv.Error as e:
-            raise PrepareError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
-
-
-def read_jsonl(path: str, keys: list[str]):
-    """Yield (line, object) from a JSONL file; bad lines and missing keys name file:line."""
-    with open_text(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PrepareError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-            require_keys(obj, keys, f"{path}:{lineno}")
-            yield lineno, obj
-
-
-def read_json(path: str):
-    with open_text(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise PrepareError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
-
-
-def require_keys(obj, keys: list[str], where: str) -> None:
-    if not isinstance(obj, dict):
-        raise PrepareError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    missing = [k for k in keys if k not in obj]
-    if missing:
-        raise PrepareError(f"{where}: missing keys {missing}")
-
-
-def json_entries(path: str, keys: list[str]):
-    """Yield (where, entry) from a JSON file holding one array; entry index in `where`."""
-    entries = read_json(path)
-    if not isinstance(entries, list):
-        raise PrepareError(f"{path}: expected a JSON array of entries")
-    for i, entry in enumerate(entries):
-        where = f"{path}: entry {i}"
-        require_keys(entry, keys, where)
-        yield where, entry
-
-
-def find_file(root: str, name: str) -> str:
-    """The single path named `name` under `root` (searched recursively)."""
-    hits = sorted(os.path.join(d, name) for d, dirs, files in os.walk(root)
-                  if name in files or name in dirs)
-    if len(hits) != 1:
-        raise PrepareError(f"{root}: expected exactly one '{name}' below it, "
-                           f"found {hits or 'none'}")
-    return hits[0]
-
-
-def check_disjoint(records: list[dict], key: str) -> None:
-    """Raise if any value of record[key] appears in two splits."""
-    split_of = {}
-    for r in records:
-        if split_of.setdefault(r[key], r["split"]) != r["split"]:
-            raise AssertionError(f"{key} {r[key]!r} is in both {split_of[r[key]]} and {r['split']}")
 
 
 # ----------------------------------------------------------------------------- pre-training
@@ -462,50 +331,23 @@ def convert_chexpert(args) -> list[Output]:
 RSNA_CSV = "stage_2_train_labels.csv"
 
 
-def import_pydicom():
-    """pydicom is needed by the rsna converter only, so it is imported here, lazily."""
-    try:
-        import pydicom
-    except ImportError:
-        raise SystemExit("prepare.py rsna needs pydicom to read DICOM: pip install pydicom")
-    return pydicom
-
-
-def dicom_to_png(pydicom, dcm_path: str, png_path: str) -> None:
-    """8-bit PNG of a DICOM: pixels / max * 255, inverted for MONOCHROME1."""
-    import numpy as np
-    from PIL import Image
-    ds = pydicom.dcmread(dcm_path)
-    pixels = ds.pixel_array.astype(np.float64)
-    peak = pixels.max()
-    pixels = pixels / peak * 255.0 if peak > 0 else pixels
-    if ds.PhotometricInterpretation == "MONOCHROME1":
-        pixels = 255.0 - pixels
-    Image.fromarray(np.round(pixels).astype(np.uint8)).save(png_path)
-
-
 def convert_rsna(args) -> list[Output]:
-    """RSNA Pneumonia stage 2 -> ic (label = any box), DICOM -> PNG, seeded 70/15/15 split."""
-    pydicom, dropped, positive = import_pydicom(), Counter(), {}
+    """RSNA Pneumonia stage 2 -> ic (label = any box), seeded 70/15/15 split; the DICOMs are read
+    by dicom.read_dicom (as training copies, or directly with --image-size 0)."""
+    import_pydicom()
+    dropped, positive = Counter(), {}
     path = os.path.join(args.src, RSNA_CSV)
     for line, row in read_csv(path, ["patientId", "Target"]):
         if row["Target"] not in ("0", "1"):
             raise PrepareError(f"{path}:{line}: Target {row['Target']!r}: expected 0 or 1")
         positive[row["patientId"]] = positive.get(row["patientId"], False) or row["Target"] == "1"
-    os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
-    kept = []
-    for pid in sorted(positive):
-        dcm = f"stage_2_train_images/{pid}.dcm"
-        if image_exists(args.src, dcm, dropped):
-            dicom_to_png(pydicom, os.path.join(args.src, dcm),
-                         os.path.join(args.out, "images", f"{pid}.png"))
-            kept.append(pid)
+    kept = [pid for pid in sorted(positive)
+            if image_exists(args.src, f"stage_2_train_images/{pid}.dcm", dropped)]
     n_held = round(0.15 * len(kept))
     split_of = seeded_holdout(kept, {"val": n_held, "test": n_held}, args.seed)
-    records = [{"id": pid, "split": split_of[pid], "image": f"images/{pid}.png",
+    records = [{"id": pid, "split": split_of[pid], "image": f"stage_2_train_images/{pid}.dcm",
                 "labels": [int(positive[pid])]} for pid in kept]
-    return [Output(args.out, "ic", records, dropped, os.path.abspath(args.out),
-                   {"classes": ["Pneumonia"]})]
+    return [Output(args.out, "ic", records, dropped, args.src, {"classes": ["Pneumonia"]})]
 
 
 NLI_CLASSES = ["contradiction", "entailment", "neutral"]
@@ -555,17 +397,6 @@ def answer_type(value, where: str) -> str:
     return kind
 
 
-def vqa_output(args, records: list[dict], dropped: Counter, extra: dict) -> Output:
-    """Answer vocabulary from train + val; count test records whose answer is outside it."""
-    vocab = sorted({r["answer"] for r in records if r["split"] != "test"})
-    known = set(vocab)
-    outside = sum(1 for r in records if r["split"] == "test"
-                  and not known.intersection(r.get("answers", [r["answer"]])))
-    extra = {**extra, "answers": vocab, "test_answers_outside_vocab": outside,
-             "answer_normalisation": "lower-case, collapse whitespace, trim, drop trailing '.'"}
-    return Output(args.out, "vqa", records, dropped, args.src, extra)
-
-
 def vqa_record(rid, split, image, question, answer, kind, dropped: Counter) -> dict | None:
     """A normalised VQA record, or None (counted) when question or answer is empty."""
     question, answer = clean_text(question), normalize_answer(answer)
@@ -595,7 +426,7 @@ def convert_vqa_rad(args) -> list[Output]:
     train_ids = [r["id"] for r in records if r["split"] == "train"]
     split_of = seeded_holdout(train_ids, {"val": args.val_size}, args.seed)
     records = [{**r, "split": split_of.get(r["id"], r["split"])} for r in records]
-    return [vqa_output(args, records, dropped, {"val_size": args.val_size,
+    return [vqa_output(args.out, args.src, records, dropped, {"val_size": args.val_size,
                                                 "val_note": "seeded hold-out of train"})]
 
 
@@ -617,7 +448,7 @@ def convert_slake(args) -> list[Output]:
                            kind, dropped)
             if r and image_exists(args.src, image, dropped):
                 records.append(r)
-    return [vqa_output(args, records, dropped, {})]
+    return [vqa_output(args.out, args.src, records, dropped, {})]
 
 
 MED19_CATEGORIES = ("modality", "plane", "organ", "abnormality")
@@ -661,7 +492,7 @@ def convert_vqa_med_2019(args) -> list[Output]:
             if r and image_exists(args.src, image, dropped):
                 records.append(r)
     records += med19_test(args, dropped)
-    return [vqa_output(args, records, dropped, {"keep_abnormality": args.keep_abnormality})]
+    return [vqa_output(args.out, args.src, records, dropped, {"keep_abnormality": args.keep_abnormality})]
 
 
 def med19_test(args, dropped: Counter) -> list[dict]:
@@ -686,6 +517,195 @@ def med19_test(args, dropped: Counter) -> list[dict]:
     return records
 
 
+# ----------------------------------------------------------------------------- your own data
+
+TABLE_COLUMNS = {  # task -> the table columns it needs (--columns FIELD=NAME renames them)
+    "pretrain": ("image", "text"), "retrieval": ("image", "text"), "itg": ("image", "report"),
+    "ic": ("image", "labels"), "vqa": ("image", "question", "answer"), "tc": ("text_a", "text_b", "label"),
+    "ts": ("source", "target")}
+OPTIONAL_COLUMNS = ("id", "split", "answer_type")
+SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val",
+               "test": "test"}
+
+
+class BadRow(ValueError):
+    """A row that cannot become a record; its message is the reason counted in meta["rows"]."""
+
+
+def table_rows(path: str, names: list[str]):
+    """Yield (line, row) of a CSV (header line) or JSONL table, row = {column: str}, or (line, BadRow)
+    for a malformed line; a CSV header without the `names` columns raises PrepareError."""
+    if path.endswith((".jsonl", ".jsonl.gz")):
+        with open_text(path) as f:
+            for line, text in enumerate(f, start=1):
+                if text.strip():
+                    try:
+                        obj = json.loads(text)
+                        yield line, obj if isinstance(obj, dict) else BadRow("malformed_row")
+                    except json.JSONDecodeError:
+                        yield line, BadRow("malformed_row")
+        return
+    with open_text(path) as f:
+        reader = csv_rows(f, path, names, " (name them with --columns FIELD=NAME)")
+        for row in reader:
+            yield reader.line_num, BadRow("malformed_row") if wrong_length(row) else row
+
+
+def folder_rows(root: str):
+    """Yield (path, row) for each file of a folder-per-class tree ROOT/[SPLIT/]CLASS/...; a row is
+    {image, labels, split?} (BadRow for a file that is not an image)."""
+    top = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    splits = [d for d in top if d in SPLIT_NAMES]
+    for split_dir in splits or [""]:
+        for label in sorted(os.listdir(os.path.join(root, split_dir))):
+            for folder, _, files in sorted(os.walk(os.path.join(root, split_dir, label))):
+                for name in sorted(files):
+                    rel = os.path.relpath(os.path.join(folder, name), root)
+                    row = {"image": rel, "labels": label, **({"split": split_dir} if split_dir else {})}
+                    yield rel, row if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES else BadRow("not_an_image")
+
+
+def table_text(row: dict, column: str, min_words: int = 1) -> str:
+    text = clean_text(str(row[column]))
+    if not text:
+        raise BadRow("empty_text")
+    if len(text.split()) < min_words:
+        raise BadRow("short_text")
+    return text
+
+
+def table_label(value, classes: set | None, many: bool, sep: str) -> list[str]:
+    """The class names of one row: one (`many` False) or several (a list, or `sep`-separated)."""
+    names = value if isinstance(value, list) else str(value).split(sep) if many else [value]
+    names = [clean_text(str(n)) for n in names if clean_text(str(n))]
+    if not names:
+        raise BadRow("empty_label")
+    if classes is not None and not set(names) <= classes:
+        raise BadRow("unknown_label")
+    return names
+
+
+def table_record(task: str, row: dict, col: dict, args) -> dict:
+    """The task fields of one good row (image relative to --image-root); BadRow otherwise."""
+    missing = [f for f in TABLE_COLUMNS[task] if col[f] not in row]
+    if missing:
+        raise BadRow("missing_field")
+    fields = {}
+    if "image" in TABLE_COLUMNS[task]:
+        path = str(row[col["image"]]).strip()
+        rel = os.path.relpath(os.path.join(args.image_root, path), args.image_root) if path else ""
+        if rel.startswith(".."):
+            raise BadRow("outside_image_root")
+        if not path or not os.path.isfile(os.path.join(args.image_root, rel)):
+            raise BadRow("missing_image")
+        fields["image"] = rel.replace(os.sep, "/")
+    classes = set(args.classes) if args.classes else None
+    if task in ("pretrain", "retrieval", "itg"):
+        fields["report" if task == "itg" else "text"] = table_text(row, col[TABLE_COLUMNS[task][1]], MIN_WORDS)
+    elif task == "ts":
+        fields.update(source=table_text(row, col["source"], MIN_WORDS), target=table_text(row, col["target"], MIN_WORDS))
+    elif task == "tc":
+        fields.update(text_a=table_text(row, col["text_a"]), text_b=table_text(row, col["text_b"]),
+                      label=table_label(row[col["label"]], classes, False, "")[0])
+    elif task == "ic":
+        fields["labels"] = table_label(row[col["labels"]], classes, True, args.label_sep)
+    elif task == "vqa":
+        answer = normalize_answer(row[col["answer"]])
+        if not answer:
+            raise BadRow("empty_text")
+        kind = row.get(col["answer_type"]) or ("CLOSED" if answer in ("yes", "no") else "OPEN")
+        if str(kind).strip().upper() not in ANSWER_TYPES:
+            raise BadRow("unknown_answer_type")
+        fields.update(question=table_text(row, col["question"]), answer=answer,
+                      answer_type=ANSWER_TYPES[str(kind).strip().upper()])
+    split = row.get(col["split"], "")
+    if split not in ("", None) and str(split).strip().lower() not in SPLIT_NAMES:
+        raise BadRow("unknown_split")
+    fields["split"] = SPLIT_NAMES.get(str(split).strip().lower()) if split else None
+    return fields
+
+
+def table_outputs(task: str, kept: list[dict], args) -> list[dict]:
+    """Records from the good rows: pre-training texts grouped by image, a class list made, splits
+    given or seeded (--holdout: by image for image tasks, by row otherwise)."""
+    if task == "pretrain":
+        by_image = {}
+        for r in kept:
+            by_image.setdefault(r["image"], {"id": r["image"], "split": r["split"], "image": r["image"], "texts": []})
+            by_image[r["image"]]["texts"].append(r.pop("text"))
+        kept = list(by_image.values())
+    key = "image" if task in IMAGE_TASKS else "id"
+    unsplit = [r[key] for r in kept if r["split"] is None]
+    if unsplit:
+        n = len(set(unsplit))
+        sizes = {"val": round(args.holdout[0] * n), "test": round(args.holdout[1] * n)}
+        split_of = seeded_holdout(unsplit, sizes, args.seed)
+        kept = [{**r, "split": r["split"] or split_of[r[key]]} for r in kept]
+    return kept
+
+
+def convert_table(args) -> list[Output]:
+    """Your own CSV / JSONL table (one row per example, columns by --columns) or folder-per-class
+    tree -> the manifest of --task; every bad row is counted by reason and listed, file:line, in
+    OUT/bad_rows.txt; meta["rows"] adds up to every row read."""
+    is_folder = os.path.isdir(args.src)
+    task = "ic" if is_folder and args.task is None else args.task
+    if task not in TABLE_COLUMNS or (is_folder and task != "ic"):
+        raise SystemExit(f"prepare.py table needs --task {'ic (a folder of class folders)' if is_folder else 'one of ' + str(list(TABLE_COLUMNS))}")
+    col = {f: f for f in (*TABLE_COLUMNS[task], *OPTIONAL_COLUMNS)}
+    for pair in args.columns:
+        field_name, eq, name = pair.partition("=")
+        if not eq or field_name not in col:
+            raise SystemExit(f"--columns {pair!r}: expected FIELD=NAME with FIELD one of {list(col)}")
+        col[field_name] = name
+    args.image_root = os.path.abspath(args.image_root or (args.src if is_folder else os.path.dirname(args.src)))
+    rows = folder_rows(args.src) if is_folder else table_rows(args.src, [col[f] for f in TABLE_COLUMNS[task]])
+    kept, bad, seen, split_of_image = [], [], set(), {}
+    for where, row in rows:
+        try:
+            if isinstance(row, BadRow):
+                raise row
+            fields = table_record(task, row, col, args)
+            rid = str(row.get(col["id"]) or where)
+            if rid in seen:
+                raise BadRow("duplicate_id")
+            if task in IMAGE_TASKS and split_of_image.setdefault(fields["image"], fields["split"]) != fields["split"]:
+                raise BadRow("split_conflict")
+        except BadRow as reason:
+            bad.append((f"{args.src}:{where}" if not is_folder else where, str(reason)))
+            continue
+        seen.add(rid)
+        kept.append({"id": rid, **fields})
+    records = table_outputs(task, kept, args)
+    reasons = Counter(reason for _, reason in bad)
+    summary = {"read": len(kept) + len(bad), "kept": len(kept), **dict(sorted(reasons.items()))}
+    write_bad_rows(args.out, bad, summary)
+    extra = {"rows": summary, "columns": col, "table": os.path.abspath(args.src)}
+    if task in ("ic", "tc"):
+        key = "labels" if task == "ic" else "label"
+        classes = args.classes or sorted({c for r in records for c in (r[key] if task == "ic" else [r[key]])})
+        if task == "ic":
+            records = [{**r, "labels": [int(c in r["labels"]) for c in classes]} for r in records]
+        extra["classes"] = classes
+    root = args.image_root if "image" in TABLE_COLUMNS[task] else None
+    if task == "vqa":
+        return [vqa_output(args.out, root, records, reasons, extra)]
+    return [Output(args.out, task, records, reasons, root, extra)]
+
+
+def write_bad_rows(out: str, bad: list[tuple[str, str]], summary: dict) -> None:
+    """OUT/bad_rows.txt ('file:line<TAB>reason' a line; removed when none) and the summary printed."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "bad_rows.txt")
+    if bad:
+        atomic_write(Path(path), "".join(f"{where}\t{reason}\n" for where, reason in bad))
+        shown = "; ".join(f"{w}: {r}" for w, r in bad[:5])
+        print(f"{len(bad)} bad rows (listed in {path}), first: {shown}")
+    elif os.path.exists(path):
+        os.unlink(path)
+    print(f"rows: {summary}")
+
+
 # ----------------------------------------------------------------------------- writing / CLI
 
 CONVERTERS = {
@@ -701,6 +721,7 @@ CONVERTERS = {
     "vqa-rad": convert_vqa_rad,
     "slake": convert_slake,
     "vqa-med-2019": convert_vqa_med_2019,
+    "table": convert_table,
 }
 IMAGE_TASKS = ("pretrain", "ic", "retrieval", "itg")
 
@@ -720,6 +741,40 @@ def write_output(out: Output, name: str, args) -> dict:
     return meta
 
 
+def use_copies(outputs: list[Output], args) -> list[Output]:
+    """Make the training-size copies of every image the outputs reference (copies.py) in
+    <out>/images_<size>px and point the outputs at them; unreadable sources are dropped, counted
+    ('unreadable_image') and listed in <out>/unreadable_images.txt."""
+    roots = {os.path.abspath(o.image_root) for o in outputs if o.image_root}
+    if not roots:
+        return outputs
+    (root,) = roots  # every converter reads one image folder
+    rels = sorted({r["image"] for o in outputs if o.image_root for r in o.records})
+    if any(map(is_dicom, rels)):
+        import_pydicom()
+    folder = os.path.abspath(os.path.join(args.out, f"images_{args.image_size}px"))
+    failed = make_copies(root, rels, folder, args.image_size, args.workers)
+    listing = os.path.join(args.out, "unreadable_images.txt")
+    if failed:
+        os.makedirs(args.out, exist_ok=True)
+        atomic_write(Path(listing), "".join(f"{rel}\t{why}\n" for rel, why in sorted(failed.items())))
+        print(f"{len(failed)} unreadable images left out, listed in {listing}")
+    elif os.path.exists(listing):
+        os.unlink(listing)
+    for o in outputs:
+        if o.image_root:
+            kept = [{**r, "image": copy_name(r["image"])} for r in o.records if r["image"] not in failed]
+            if len(kept) < len(o.records):
+                o.dropped["unreadable_image"] += len(o.records) - len(kept)
+            if "rows" in o.extra:  # `table`: its rows of unreadable images leave "kept" too
+                lost = sum(len(r.get("texts", [r])) for r in o.records if r["image"] in failed)
+                o.extra["rows"] = {**o.extra["rows"], "kept": o.extra["rows"]["kept"] - lost,
+                                   **({"unreadable_image": lost} if lost else {})}
+            o.records, o.image_root = kept, folder
+            o.extra = {**o.extra, "image_size": args.image_size, "originals": root}
+    return outputs
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -728,6 +783,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--src", required=True, help="root folder of the raw release")
     p.add_argument("--out", required=True, help="task folder to write, e.g. data/roco")
     p.add_argument("--seed", type=int, default=42, help="seed of every random split / sample")
+    p.add_argument("--image-size", type=int, default=512,
+                   help="write copies of the images with this shorter side (pixels) into "
+                        "OUT/images_<size>px and train from them (512 serves the 288-px pre-training "
+                        "and 384-px fine-tuning crops); 0: point at the originals (every epoch then "
+                        "decodes full-size files)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="processes making the copies (default: one per core)")
     g = p.add_argument_group("roco-retrieval")
     g.add_argument("--eval-cap", type=int, default=2000, help="max val and test pairs each")
     g = p.add_argument_group("medicat / chexpert / vqa-rad hold-out sizes")
@@ -750,6 +812,18 @@ def build_parser() -> argparse.ArgumentParser:
                                           "gold_label), e.g. the 6,000-pair pseudo-train set")
     g = p.add_argument_group("vqa-rad")
     g.add_argument("--image-dir", default="VQA_RAD Image Folder", help="image folder under SRC")
+    g = p.add_argument_group("table: your own CSV / JSONL (SRC is the file) or folder-per-class tree (SRC/CLASS/...)")
+    g.add_argument("--task", choices=sorted(TABLE_COLUMNS),
+                   help="the manifest to write; a table's columns: " + "; ".join(
+                       f"{t}: {', '.join(c)}" for t, c in TABLE_COLUMNS.items()) + " (optional: id, split, answer_type)")
+    g.add_argument("--columns", nargs="*", default=[], metavar="FIELD=NAME",
+                   help="the table's name of a column, e.g. image=path text=caption split=fold")
+    g.add_argument("--classes", nargs="+", help="ic / tc: the known class names (others are bad rows; "
+                                                "default: every label seen, sorted)")
+    g.add_argument("--label-sep", default="|", help="ic: separator of several labels in one cell")
+    g.add_argument("--image-root", help="folder the image paths are relative to (default: the table's)")
+    g.add_argument("--holdout", type=float, nargs=2, default=[0.1, 0.1], metavar=("VAL", "TEST"),
+                   help="fractions held out, seeded, when the table has no split column")
     g = p.add_argument_group("vqa-med-2019")
     g.add_argument("--keep-abnormality", action="store_true",
                    help="keep C4 abnormality questions (M3AE/PTUnifier drop them)")
@@ -767,7 +841,10 @@ def main(argv=None) -> list[dict]:
     args = build_parser().parse_args(argv)
     if args.val_size is None:
         args.val_size = DEFAULT_VAL_SIZE.get(args.dataset, 0)
-    return [write_output(out, args.dataset, args) for out in CONVERTERS[args.dataset](args)]
+    outputs = CONVERTERS[args.dataset](args)
+    if args.image_size:
+        outputs = use_copies(outputs, args)
+    return [write_output(out, args.dataset, args) for out in outputs]
 
 
 if __name__ == "__main__":

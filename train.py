@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 import synth
 from checkpoint import load_checkpoint, load_pretrained, read_metadata, save_checkpoint
-from data import DeviceCopy, PretrainDataset, SkipTracker, make_train_stream
+from data import DeviceCopy, PretrainDataset, SkipTracker, check_image_size, make_train_stream
 from losses import LossWeights
 from model import PTUnifier
 from recipes import build_model, recipe, with_defaults
@@ -207,6 +207,7 @@ def start_run(cfg: TrainConfig, rt: Runtime) -> Run:
     if accum < 1 or accum * micro * rt.world != cfg.batch_size:
         raise SystemExit(f"--batch-size {cfg.batch_size} must be a multiple of micro batch {micro} "
                          f"x {rt.world} processes")
+    check_image_size(cfg.data, mcfg.image_size)
     dataset = PretrainDataset(cfg.data, "train", tokenizer, mcfg.image_size, mcfg.max_text_len,
                               train=True, mlm_prob=cfg.mlm_prob, seed=cfg.seed, text_unit=cfg.text_unit)
     if cfg.cache_images:

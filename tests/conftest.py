@@ -1,6 +1,7 @@
 """Fixtures that several test modules share."""
 import pytest
 
+import dicom
 import synth
 
 
@@ -11,3 +12,9 @@ def bench(tmp_path_factory):
     synth.main(["--out", str(out), "--train", "48", "--val", "8", "--test", "16", "--image-size", "64",
                 "--workers", "0"])
     return out
+
+
+@pytest.fixture
+def write_dicom():
+    """dicom.write_dicom (needs pydicom), for the tests that need DICOM files."""
+    return dicom.write_dicom

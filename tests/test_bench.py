@@ -38,3 +38,17 @@ def test_the_gpu_command_runs_its_compiled_row(tmp_path, monkeypatch):
     assert compiled["compile_s"] > 0 and compiled["samples_per_s"] > 0
     assert result["compile_s"]["compile B=4"] == compiled["compile_s"]
     assert result["max_loss_diff"]["compile B=4"] < 1e-4  # against the eager step on the same batch
+
+
+def test_the_real_size_rows_run_and_count_cores(tmp_path, monkeypatch, capsys):
+    """`bench.py data --real-size 1`: one full-size JPEG, DICOM and prepared copy, timed once each;
+    a row per source with its cores per A100 / H100."""
+    monkeypatch.chdir(tmp_path)
+    bench.main(["data", "--batch", "8", "--render", "16", "--workers", "0", "--data-batches", "1", "--repeats", "1", "--warmup", "0",
+                "--real-size", "1", "--prepared-size", "256"])
+    rows = json.loads((tmp_path / "bench_results" / "data_tiny_cpu.json").read_text())["real_rows"]
+    assert [r["source"] for r in rows] == ["2544x3056 JPEG q95 -> 288 px", "2544x3056 DICOM 12-bit -> 288 px",
+                                           "prepared 256-px copy (TIFF) -> 288 px"]
+    assert rows[0]["vs_jpeg"] == 1.0 and all(r["cores_h100"] > r["cores_a100"] > 0 for r in rows)
+    out = json.loads((tmp_path / "bench_results" / "data_tiny_cpu.json").read_text())["copy_vs_full_decode"]
+    assert out["max_abs"] <= 2 and "cores/H100" in capsys.readouterr().out

@@ -145,6 +145,20 @@ def test_embeddings_and_search_equal_zero_shot_retrieval(bench, tmp_path):
                           np.asarray(expected))
 
 
+def test_a_dicom_embeds_as_the_png_of_its_display_pixels(bench, tmp_path, write_dicom):
+    root, _, _ = bench
+    paths, _ = paths_of(root, "retrieval")
+    grey = np.asarray(Image.open(paths[0]).convert("L"), dtype=np.uint16)
+    # stored 4p + 1000, slope 0.5, intercept -500: x = 2p; LINEAR_EXACT window c 255, w 510: p / 255
+    write_dicom(tmp_path / "scans" / "a.dcm", grey * 4 + 1000, RescaleSlope=0.5, RescaleIntercept=-500,
+                WindowCenter=255, WindowWidth=510, VOILUTFunction="LINEAR_EXACT")
+    Image.fromarray(grey.astype(np.uint8)).save(tmp_path / "a.png")
+    p = load(root / "pre.safetensors")
+    found = p.embed_images(tmp_path / "scans")  # a folder: the .dcm file is found
+    assert found.items == [str(tmp_path / "scans" / "a.dcm")]
+    assert torch.equal(found.vectors, p.embed_images([tmp_path / "a.png"]).vectors)
+
+
 def test_a_retrieval_checkpoint_searches_its_own_itc_space(bench, finetuned):
     root, tok, pretrained = bench
     path, model, _ = finetuned["retrieval"]

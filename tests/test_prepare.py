@@ -12,6 +12,7 @@ from PIL import Image
 
 import data
 import prepare
+from copies import copy_name
 from data import read_manifest
 from prepare import PrepareError
 from tokenizer import clean_text
@@ -58,8 +59,11 @@ def assert_disjoint(records, key):
 
 
 def assert_images_exist(records, meta):
+    """Every record's image exists, and so does the original its training copy was made from."""
     for r in records:
         assert os.path.isfile(os.path.join(meta["image_root"], r["image"])), r["image"]
+        if "originals" in meta:
+            assert r["image"].endswith(".tif") and os.path.isfile(os.path.join(meta["originals"], r["image"][:-4]))
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -128,11 +132,12 @@ def test_roco_pretrain(tmp_path):
     records, meta = run("roco", tmp_path / "roco", tmp_path / "out")
     recs = by_id(records)
     assert recs["ROCO_00001"]["texts"] == ["CT scan of the chest."]
-    assert recs["ROCO_00001"]["image"] == "data/train/radiology/images/ROCO_00001.jpg"
+    assert recs["ROCO_00001"]["image"] == copy_name("data/train/radiology/images/ROCO_00001.jpg")
     assert {r["split"] for r in records if r["id"].startswith("ROCO_1")} == {"val"}
     assert meta["counts"] == {"train": 2, "val": 3, "test": 3}
     assert meta["dropped"] == {"missing_image": 1, "short_text": 1, "no_text": 1}
-    assert meta["image_root"] == str((tmp_path / "roco").resolve()) and meta["seed"] == 42
+    assert meta["originals"] == str((tmp_path / "roco").resolve()) and meta["seed"] == 42
+    assert meta["image_root"] == str((tmp_path / "out" / "images_512px").resolve()) and meta["image_size"] == 512
     assert_images_exist(records, meta)
     assert_disjoint(records, "image")
 
@@ -221,7 +226,7 @@ def test_mimic_cxr_pretrain(tmp_path):
     assert recs["d50000001"]["texts"] == ["The lungs are clear.", "No acute disease."]
     assert recs["d50000002"]["texts"] == ["Stable cardiomegaly is seen."]
     assert [recs[f"d5000000{i}"]["split"] for i in (1, 3, 4)] == ["train", "val", "test"]
-    assert recs["d50000004"]["image"] == "files/p10/p10000003/s50000004/d50000004.jpg"
+    assert recs["d50000004"]["image"] == copy_name("files/p10/p10000003/s50000004/d50000004.jpg")
     assert meta["dropped"] == {"not_frontal": 4, "missing_image": 1, "short_text": 2}
     assert_images_exist(records, meta)
     assert_disjoint(records, "image")
@@ -265,7 +270,7 @@ def test_mimic_cxr_report_generation(tmp_path):
     assert meta["counts"] == {"train": 1, "val": 2, "test": 1}
     assert meta["dropped"] == {"short_text": 1, "missing_image": 1}
     assert by_id(records)["val1"]["report"] == "The val report number 1 ."
-    assert meta["image_root"] == str((src / "images").resolve())
+    assert meta["originals"] == str((src / "images").resolve())
     assert_images_exist(records, meta)
 
 
@@ -329,26 +334,7 @@ def test_chexpert_unknown_label_names_file_and_line(tmp_path):
 
 # ----------------------------------------------------------------------------- RSNA
 
-def write_dicom(path, pixels, photometric):
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-    file_meta = FileMetaDataset()
-    file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = file_meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = file_meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.PixelData = pixels.astype("<u2").tobytes()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-
-
-def test_rsna(tmp_path):
+def test_rsna(tmp_path, write_dicom):
     src, out = tmp_path / "rsna", tmp_path / "out"
     pixels = np.array([[0, 50], [100, 200]])
     rows = []
@@ -358,7 +344,7 @@ def test_rsna(tmp_path):
         rows.append((pid, "1", "2", "3", "4", "1") if target == "1" else (pid, "", "", "", "", "0"))
         if i == 0:
             rows.append((pid, "5", "6", "7", "8", "1"))  # a second box of the same patient
-        write_dicom(str(src / "stage_2_train_images" / f"{pid}.dcm"), pixels,
+        write_dicom(src / "stage_2_train_images" / f"{pid}.dcm", pixels,
                     "MONOCHROME1" if i == 1 else "MONOCHROME2")
     rows.append(("ghost", "", "", "", "", "0"))  # no DICOM
     write_csv(str(src / prepare.RSNA_CSV),
@@ -368,10 +354,12 @@ def test_rsna(tmp_path):
     assert meta["counts"] == {"train": 14, "val": 3, "test": 3}
     assert meta["dropped"] == {"missing_image": 1} and meta["classes"] == ["Pneumonia"]
     assert [recs[f"pat{i:02d}"]["labels"] for i in range(5)] == [[1], [0], [0], [0], [1]]
-    assert meta["image_root"] == str(out.resolve()) and recs["pat00"]["image"] == "images/pat00.png"
-    # hand computation: round(p / 200 * 255), or round(255 - p / 200 * 255) for MONOCHROME1
-    assert np.array(Image.open(out / "images" / "pat00.png")).tolist() == [[0, 64], [128, 255]]
-    assert np.array(Image.open(out / "images" / "pat01.png")).tolist() == [[255, 191], [128, 0]]
+    assert meta["image_root"] == str((out / "images_512px").resolve())
+    assert recs["pat00"]["image"] == "stage_2_train_images/pat00.dcm.tif"
+    # hand computation, no window in the file: round((p - min) / (max - min) * 255), inverted for MONOCHROME1
+    copies = out / "images_512px" / "stage_2_train_images"
+    assert np.array(Image.open(copies / "pat00.dcm.tif")).tolist() == [[0, 64], [128, 255]]
+    assert np.array(Image.open(copies / "pat01.dcm.tif")).tolist() == [[255, 191], [128, 0]]
     assert_disjoint(records, "image")
 
     with open(src / prepare.RSNA_CSV, "a") as f:
@@ -495,7 +483,7 @@ def test_vqa_med_2019(tmp_path):
     assert meta["answers"] == ["ct", "sagittal", "yes"]
     assert meta["test_answers_outside_vocab"] == 1  # "coronal"; "ct" is an alternative of s1
     assert recs["test-1"]["answers"] == ["ct", "computed tomography"]
-    assert recs["test-1"]["image"] == "VQAMed2019Test/VQAMed2019_Test_Images/s1.jpg"
+    assert recs["test-1"]["image"] == copy_name("VQAMed2019Test/VQAMed2019_Test_Images/s1.jpg")
     assert recs["train-2"]["answer_type"] == "closed" and recs["train-1"]["answer_type"] == "open"
     assert_images_exist(records, meta)
 
