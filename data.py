@@ -22,6 +22,7 @@ import math
 import os
 import random
 import re
+import signal
 import tempfile
 import warnings
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -725,6 +726,14 @@ class SeededBatches(torch.utils.data.Sampler):
             epoch, start = epoch + 1, 0
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader worker's `worker_init_fn`: SIGTERM / SIGINT are ignored. A scheduler signals
+    every process of a job (SLURM: the workers too); the main process finishes its step and saves
+    (runtime.StopSignal), which a worker killed by the signal would make it fail instead."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_train_stream(dataset, batch_size: int, seed: int, epoch: int = 0, start_batch: int = 0,
                       num_workers: int = 2):
     """Endless training DataLoader starting at (epoch, start_batch), sharded over the ranks of
@@ -735,7 +744,7 @@ def make_train_stream(dataset, batch_size: int, seed: int, epoch: int = 0, start
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=dataset.collate, num_workers=num_workers,
         pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
-        prefetch_factor=4 if num_workers > 0 else None,
+        prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=ignore_stop_signals,
         generator=torch.Generator().manual_seed(seed))  # keeps the global RNG (dropout) untouched
 
 
@@ -789,4 +798,4 @@ def make_loader(dataset, batch_size: int, train: bool, seed: int,
         dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
         collate_fn=dataset.collate, num_workers=num_workers, drop_last=train,
         pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
-        generator=torch.Generator().manual_seed(seed))
+        worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(seed))

@@ -4,6 +4,8 @@ injected on one rank, chosen by the environment (a hook of the tests; the progra
     FAULT=kill:R:K   rank R sends itself SIGKILL as step K begins (K steps done), in the first
                      round of workers only (a relaunched round has TORCHELASTIC_RESTART_COUNT > 0)
     FAULT=term:R:K   rank R sends itself SIGTERM as step K begins (no other rank gets a signal)
+    FAULT=termjob:R:K  rank R sends SIGTERM as step K begins to torchrun and every process below it
+                     (the ranks and their DataLoader workers), as SLURM signals a job step
     FAULT=nan:R:K    train.py: the loss of rank R is NaN in step K
     RESULTS=DIR      each rank writes what the program returned to DIR/rank<R>-round<C>.json
 
@@ -14,6 +16,7 @@ then looks for rank 0's address while the store still holds the one rank 0 had i
     python -m torch.distributed.run --standalone --nproc_per_node=2 --max-restarts=1 \
         tests/ddp_fault_worker.py train|finetune ARGS...
 """
+import contextlib
 import importlib
 import json
 import os
@@ -25,6 +28,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def job_processes() -> list[int]:
+    """torchrun (this worker's parent) and every process below it, from /proc."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()  # "pid (name) state ppid ..."; the name may hold spaces
+        except OSError:  # the process ended meanwhile
+            continue
+        parents[int(stat.parent.name)] = int(text.rsplit(")", 1)[1].split()[1])
+    job, grown = {os.getppid()}, True
+    while grown:
+        below = {pid for pid, parent in parents.items() if parent in job} - job
+        job, grown = job | below, bool(below)
+    return sorted(job)
+
+
 def inject(program, kind: str, at: int) -> None:
     """Patch the program's seed_step (called as each step begins) to inject the fault at step `at`."""
     original, current = program.seed_step, {}
@@ -33,6 +52,10 @@ def inject(program, kind: str, at: int) -> None:
         current["step"] = step
         if step == at and kind in ("kill", "term"):
             os.kill(os.getpid(), signal.SIGKILL if kind == "kill" else signal.SIGTERM)
+        if step == at and kind == "termjob":
+            for pid in job_processes():
+                with contextlib.suppress(ProcessLookupError):  # ended meanwhile
+                    os.kill(pid, signal.SIGTERM)
         original(seed, rank, step)
 
     program.seed_step = seed_step
