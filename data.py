@@ -24,6 +24,7 @@ import random
 import re
 import signal
 import tempfile
+import threading
 import warnings
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -727,11 +728,21 @@ class SeededBatches(torch.utils.data.Sampler):
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """A DataLoader worker's `worker_init_fn`: SIGTERM / SIGINT are ignored. A scheduler signals
-    every process of a job (SLURM: the workers too); the main process finishes its step and saves
-    (runtime.StopSignal), which a worker killed by the signal would make it fail instead."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """A DataLoader worker's `worker_init_fn`: it lives through a SIGTERM / SIGINT sent to the whole
+    job (SLURM signals every process of a job step), so that the main process finishes its step
+    and saves (runtime.StopSignal); a SIGTERM from its own main process still ends it (the
+    DataLoader's shutdown, and Python's at exit: ignored, that one would hang the exit forever)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS, Windows: no sender to tell apart
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit it
+    threading.Thread(target=_exit_on_sigterm_from, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_on_sigterm_from(parent: int) -> None:
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+        pass
+    os._exit(0)
 
 
 def make_train_stream(dataset, batch_size: int, seed: int, epoch: int = 0, start_batch: int = 0,
