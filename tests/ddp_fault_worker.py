@@ -16,16 +16,23 @@ then looks for rank 0's address while the store still holds the one rank 0 had i
     python -m torch.distributed.run --standalone --nproc_per_node=2 --max-restarts=1 \
         tests/ddp_fault_worker.py train|finetune ARGS...
 """
-import contextlib
 import importlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+KILL_ALL = ("import contextlib, os, signal, sys\n"
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun's shutdown signals its workers' groups\n"
+            "for pid in sys.argv[1:]:\n"
+            "    with contextlib.suppress(ProcessLookupError):  # ended meanwhile\n"
+            "        os.kill(int(pid), signal.SIGTERM)\n")
 
 
 def job_processes() -> list[int]:
@@ -53,9 +60,8 @@ def inject(program, kind: str, at: int) -> None:
         if step == at and kind in ("kill", "term"):
             os.kill(os.getpid(), signal.SIGKILL if kind == "kill" else signal.SIGTERM)
         if step == at and kind == "termjob":
-            for pid in job_processes():
-                with contextlib.suppress(ProcessLookupError):  # ended meanwhile
-                    os.kill(pid, signal.SIGTERM)
+            # from a process of its own, as slurmstepd sends it (a DataLoader worker obeys its main process)
+            subprocess.run([sys.executable, "-c", KILL_ALL, *map(str, job_processes())], check=True)
         original(seed, rank, step)
 
     program.seed_step = seed_step
