@@ -2,7 +2,7 @@
 
 - a preemption (`scontrol requeue`) while the job trains: SLURM signals every process of the
   job, the step ends in a save, the relaunched job resumes by itself and ends bit-identical to an
-  uninterrupted torchrun run;
+  uninterrupted torchrun run (pre-training, and a fine-tune: weights, best epoch, scores);
 - a time limit with --signal before it: the step stops and saves, the script queues the job
   again, and the run ends bit-identical (after as many launches as it takes);
 - `scancel --signal=TERM` (the step only): the same as the notice, the job is queued again;
@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from checkpoint import read_metadata
-from test_cluster import free_port, metric_steps
+from test_cluster import assert_same_finetune, free_port, metric_steps
 from test_train import assert_same_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,16 +53,25 @@ def cluster():
                     "start` and set SLURM_CONF=/tmp/ptunifier-slurm/slurm.conf")
 
 
-@pytest.fixture(scope="module")
-def reference(bench, tmp_path_factory):
-    """The same run with plain torchrun, uninterrupted."""
-    out = tmp_path_factory.mktemp("reference") / "run"
+def finetune_args(bench, init: Path):
+    """IC, 12 epochs of 6 steps of 8 images, validated after each."""
+    return ["finetune.py", "--task", "ic", "--data", str(bench / "ic"), "--init", str(init), "--epochs", "12",
+            "--batch-size", "8", "--eval-batch", "16", "--workers", "1", "--save-every", "1000"]
+
+
+def uninterrupted(args: list[str], out: Path) -> Path:
+    """The run with plain torchrun (two processes), uninterrupted."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           *program_args(bench), "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+                           *args, "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out
+
+
+@pytest.fixture(scope="module")
+def reference(bench, tmp_path_factory):
+    return uninterrupted(program_args(bench), tmp_path_factory.mktemp("reference") / "run")
 
 
 def submit(out: Path, args: list[str], **header) -> str:
@@ -144,6 +153,23 @@ def test_a_preempted_job_is_relaunched_resumes_and_ends_bit_identical(bench, ref
     [stopped] = stops(lines)
     assert stopped >= at
     assert any(f"resuming from {out / 'checkpoint.safetensors'} at step {stopped}" in line for line in lines)
+
+
+def test_a_preempted_finetune_is_relaunched_resumes_and_ends_bit_identical(bench, reference, tmp_path):
+    """The same for finetune.py: `scontrol requeue` once epoch 2 is saved; the relaunch resumes in
+    the epoch it was in, and ends with the uninterrupted fine-tune's weights, best epoch and scores."""
+    args = finetune_args(bench, reference / "checkpoint.safetensors")
+    expected = uninterrupted(args, tmp_path / "uninterrupted")
+    out = tmp_path / "run"
+    job_id = submit(out, args, TIME="10")
+    wait_until(lambda: (out / "checkpoint.safetensors").is_file() and saved_step(out) >= 12, "epoch 2 saved")
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    record = ended(job_id)
+    assert (record["JobState"], record["Restarts"]) == ("COMPLETED", "1")
+    lines = log(out, job_id)
+    assert any(re.search(r"stopped by SIGTERM at epoch \d+, step \d+", line) for line in lines), lines
+    assert not [line for line in lines if "DataLoader worker" in line], lines
+    assert_same_finetune(out, expected)
 
 
 def test_a_time_limit_signal_saves_and_the_script_requeues_until_done(bench, reference, tmp_path):

@@ -262,11 +262,17 @@ def test_ddp_sigterm_to_torchrun_stops_every_rank_and_saves(bench, tmp_path):
     assert 1 <= step < 100000 and rows[-1]["step"] == step
 
 
-# A process with a live DataLoader (one persistent worker, data.ignore_stop_signals) that prints its
-# worker's pid, reads a line, takes a batch and fails with the loader still alive.
-LOADER_THEN_FAIL = ("import sys, torch, data\n"
-                    "loader = torch.utils.data.DataLoader(list(range(100)), batch_size=2, num_workers=1,\n"
-                    "    persistent_workers=True, worker_init_fn=data.ignore_stop_signals)\n"
+# A process with a live data.JobSignalSafeLoader (one persistent worker, which another process sends
+# SIGTERM as it starts, before its worker_init_fn) that prints its worker's pid, reads a line, takes
+# a batch and fails with the loader still alive.
+LOADER_THEN_FAIL = ("import os, subprocess, sys, data\n"
+                    "init = data.ignore_stop_signals\n"
+                    "def early_sigterm(worker_id):\n"
+                    "    subprocess.run([sys.executable, '-c', f'import os; os.kill({os.getpid()}, 15)'])\n"
+                    "    init(worker_id)\n"
+                    "data.ignore_stop_signals = early_sigterm\n"
+                    "loader = data.JobSignalSafeLoader(list(range(100)), batch_size=2, num_workers=1,\n"
+                    "                                  persistent_workers=True)\n"
                     "batches = iter(loader)\n"
                     "next(batches)\n"
                     "print(batches._workers[0].pid, flush=True)\n"
@@ -276,9 +282,10 @@ LOADER_THEN_FAIL = ("import sys, torch, data\n"
 
 
 def test_a_dataloader_worker_lives_through_the_jobs_signals_and_ends_with_its_process():
-    """SIGTERM and SIGINT from another process (as SLURM signals every process of a job) leave the
-    worker running and serving batches; the main process then fails, and its exit (which SIGTERMs
-    its workers and joins them) ends with the worker gone, instead of waiting for it forever."""
+    """SIGTERM from another process as the worker starts (it starts with SIGTERM blocked, from the
+    fork), then SIGTERM and SIGINT (as SLURM signals every process of a job) leave the worker
+    serving batches; the main process then fails, and its exit (which SIGTERMs its workers and
+    joins them) ends with the worker gone, instead of waiting for it forever."""
     proc = subprocess.Popen([sys.executable, "-c", LOADER_THEN_FAIL], cwd=ROOT, text=True,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     worker = int(proc.stdout.readline())
