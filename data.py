@@ -22,7 +22,9 @@ import math
 import os
 import random
 import re
+import signal
 import tempfile
+import threading
 import warnings
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -765,6 +767,42 @@ class SeededBatches(torch.utils.data.Sampler):
             epoch, start = epoch + 1, 0
 
 
+class JobSignalSafeLoader(torch.utils.data.DataLoader):
+    """A DataLoader whose workers live through a SIGTERM / SIGINT sent to the whole job (SLURM
+    signals every process of a job step), so that the main process finishes its step and saves
+    (runtime.StopSignal); a worker killed by it would fail the step instead. Its workers start
+    with SIGTERM blocked (a signal that comes while they start waits for ignore_stop_signals)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, worker_init_fn=ignore_stop_signals, **kwargs)
+
+    def __iter__(self):
+        if not hasattr(signal, "sigwaitinfo"):  # macOS, Windows: see ignore_stop_signals
+            return super().__iter__()
+        unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # the forks inherit it
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Each worker of a JobSignalSafeLoader: SIGINT ignored, SIGTERM kept blocked and taken by a
+    thread that ends the worker only when its own main process sent it (the DataLoader's shutdown,
+    and Python's at exit: ignored, that one would hang the exit forever)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS, Windows: no sender to tell apart
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit it
+    threading.Thread(target=_exit_on_sigterm_from, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_on_sigterm_from(parent: int) -> None:
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+        pass
+    os._exit(0)
+
+
 def make_train_stream(dataset, batch_size: int, seed: int, epoch: int = 0, start_batch: int = 0,
                       num_workers: int = 2):
     """Endless training DataLoader starting at (epoch, start_batch), sharded over the ranks of
@@ -772,7 +810,7 @@ def make_train_stream(dataset, batch_size: int, seed: int, epoch: int = 0, start
     initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if initialised else (0, 1)
     sampler = SeededBatches(len(dataset), batch_size, seed, rank, world, epoch, start_batch)
-    return torch.utils.data.DataLoader(
+    return JobSignalSafeLoader(
         dataset, batch_sampler=sampler, collate_fn=dataset.collate, num_workers=num_workers,
         pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
@@ -825,7 +863,7 @@ def make_loader(dataset, batch_size: int, train: bool, seed: int,
     if distributed:
         sampler = torch.utils.data.DistributedSampler(dataset, shuffle=train, seed=seed,
                                                       drop_last=False)
-    return torch.utils.data.DataLoader(
+    return JobSignalSafeLoader(
         dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
         collate_fn=dataset.collate, num_workers=num_workers, drop_last=train,
         pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,

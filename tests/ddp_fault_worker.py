@@ -4,6 +4,8 @@ injected on one rank, chosen by the environment (a hook of the tests; the progra
     FAULT=kill:R:K   rank R sends itself SIGKILL as step K begins (K steps done), in the first
                      round of workers only (a relaunched round has TORCHELASTIC_RESTART_COUNT > 0)
     FAULT=term:R:K   rank R sends itself SIGTERM as step K begins (no other rank gets a signal)
+    FAULT=termjob:R:K  rank R sends SIGTERM as step K begins to torchrun and every process below it
+                     (the ranks and their DataLoader workers), as SLURM signals a job step
     FAULT=nan:R:K    train.py: the loss of rank R is NaN in step K
     RESULTS=DIR      each rank writes what the program returned to DIR/rank<R>-round<C>.json
 
@@ -18,11 +20,35 @@ import importlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+KILL_ALL = ("import contextlib, os, signal, sys\n"
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun's shutdown signals its workers' groups\n"
+            "for pid in sys.argv[1:]:\n"
+            "    with contextlib.suppress(ProcessLookupError):  # ended meanwhile\n"
+            "        os.kill(int(pid), signal.SIGTERM)\n")
+
+
+def job_processes() -> list[int]:
+    """torchrun (this worker's parent) and every process below it, from /proc."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()  # "pid (name) state ppid ..."; the name may hold spaces
+        except OSError:  # the process ended meanwhile
+            continue
+        parents[int(stat.parent.name)] = int(text.rsplit(")", 1)[1].split()[1])
+    job, grown = {os.getppid()}, True
+    while grown:
+        below = {pid for pid, parent in parents.items() if parent in job} - job
+        job, grown = job | below, bool(below)
+    return sorted(job)
 
 
 def inject(program, kind: str, at: int) -> None:
@@ -33,6 +59,9 @@ def inject(program, kind: str, at: int) -> None:
         current["step"] = step
         if step == at and kind in ("kill", "term"):
             os.kill(os.getpid(), signal.SIGKILL if kind == "kill" else signal.SIGTERM)
+        if step == at and kind == "termjob":
+            # from a process of its own, as slurmstepd sends it (a DataLoader worker obeys its main process)
+            subprocess.run([sys.executable, "-c", KILL_ALL, *map(str, job_processes())], check=True)
         original(seed, rank, step)
 
     program.seed_step = seed_step

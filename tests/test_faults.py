@@ -262,6 +262,46 @@ def test_ddp_sigterm_to_torchrun_stops_every_rank_and_saves(bench, tmp_path):
     assert 1 <= step < 100000 and rows[-1]["step"] == step
 
 
+# A process with a live data.JobSignalSafeLoader (one persistent worker, which another process sends
+# SIGTERM as it starts, before its worker_init_fn) that prints its worker's pid, reads a line, takes
+# a batch and fails with the loader still alive.
+LOADER_THEN_FAIL = ("import os, subprocess, sys, data\n"
+                    "init = data.ignore_stop_signals\n"
+                    "def early_sigterm(worker_id):\n"
+                    "    subprocess.run([sys.executable, '-c', f'import os; os.kill({os.getpid()}, 15)'])\n"
+                    "    init(worker_id)\n"
+                    "data.ignore_stop_signals = early_sigterm\n"
+                    "loader = data.JobSignalSafeLoader(list(range(100)), batch_size=2, num_workers=1,\n"
+                    "                                  persistent_workers=True)\n"
+                    "batches = iter(loader)\n"
+                    "next(batches)\n"
+                    "print(batches._workers[0].pid, flush=True)\n"
+                    "sys.stdin.readline()\n"
+                    "print(next(batches).tolist(), flush=True)\n"
+                    "raise RuntimeError('failed with its loader alive')\n")
+
+
+def test_a_dataloader_worker_lives_through_the_jobs_signals_and_ends_with_its_process():
+    """SIGTERM from another process as the worker starts (it starts with SIGTERM blocked, from the
+    fork), then SIGTERM and SIGINT (as SLURM signals every process of a job) leave the worker
+    serving batches; the main process then fails, and its exit (which SIGTERMs its workers and
+    joins them) ends with the worker gone, instead of waiting for it forever."""
+    proc = subprocess.Popen([sys.executable, "-c", LOADER_THEN_FAIL], cwd=ROOT, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    worker = int(proc.stdout.readline())
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        os.kill(worker, sig)
+    proc.stdin.write("next\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline().strip() == "[2, 3]"  # the next batch, from the same worker
+    try:
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1 and "failed with its loader alive" in stderr
+    assert not Path(f"/proc/{worker}").exists() or Path(f"/proc/{worker}/stat").read_text().split()[2] == "Z"
+
+
 # ----------------------------------------------------------------------------- corrupt / mismatched files
 
 class _Boom:
