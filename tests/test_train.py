@@ -100,21 +100,21 @@ def count_calls(calls: dict, owner, name: str) -> None:
 
 def test_itc_only_step_runs_passes_3_and_4_only(synth_dir):
     """The warm-up step: ITC alone (same value as in the full step): one ViT pass, one text
-    encoding, two fusion passes (image-only, text-only: Fusion.streams starts each pass), no
+    encoding, two fusion passes (image-only, text-only: a call of Fusion.forward each), no
     MLM/ITM pass, heads untouched. The full step runs its four passes from one ViT pass."""
     tok = Tokenizer.load(synth_dir / "tokenizer.json")
     model = tiny_model(tok).eval()
     batch = first_batch(synth_dir, tok, model)
     calls = {}
-    for owner, name in ((model, "encode_image"), (model, "encode_text"), (model.fusion, "streams")):
+    for owner, name in ((model, "encode_image"), (model, "encode_text"), (model.fusion, "forward")):
         count_calls(calls, owner, name)
     full = train.PretrainStep(model, LossWeights())(batch)
-    assert calls == dict(encode_image=1, encode_text=2, streams=4)  # texts: the masked one, the true one
+    assert calls == dict(encode_image=1, encode_text=2, forward=4)  # texts: the masked one, the true one
     calls.update(dict.fromkeys(calls, 0))
     model.zero_grad()
     warm = train.PretrainStep(model, LossWeights())(batch, itc_only=True)
     warm.total.backward()
-    assert calls == dict(encode_image=1, encode_text=1, streams=2)
+    assert calls == dict(encode_image=1, encode_text=1, forward=2)
     assert warm.losses.mlm is None and warm.losses.itm is None
     torch.testing.assert_close(warm.losses.itc, full.losses.itc, rtol=0, atol=1e-6)
     torch.testing.assert_close(warm.total, 0.1 * full.losses.itc, rtol=0, atol=1e-6)
@@ -410,8 +410,8 @@ def test_an_objective_with_weight_zero_does_not_run(synth_dir, weights, passes):
     model = tiny_model(tok).eval()
     batch = first_batch(synth_dir, tok, model)
     full = train.PretrainStep(model, LossWeights())(batch)
-    calls, streams = [], model.fusion.streams
-    model.fusion.streams = lambda *args: calls.append(1) or streams(*args)  # once per fusion pass
+    calls, fuse = [], model.fusion.forward
+    model.fusion.forward = lambda *args: calls.append(1) or fuse(*args)  # once per fusion pass
     model.zero_grad()
     out = train.PretrainStep(model, LossWeights(*weights))(batch)
     out.total.backward()
