@@ -270,7 +270,9 @@ def test_answer_equals_the_vqa_evaluation(bench, finetuned, tmp_path):
     predict.main(["answer", "--checkpoint", str(path), "--device", "cpu", "--images", *map(str, paths[:2]),
                   "--question", records[0]["question"], "--jsonl", str(tmp_path / "a.jsonl")])
     lines = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
-    assert lines[0] == rows[0] and lines[1]["question"] == records[0]["question"]
+    # a batch of 2 against the evaluation's batches: the kernels may round the last bit otherwise
+    assert lines[0] == rows[0] | {"probability": pytest.approx(rows[0]["probability"], rel=1e-6)}
+    assert lines[1]["question"] == records[0]["question"]
 
 
 def test_nli_equals_the_tc_evaluation(bench, finetuned):
